@@ -1,0 +1,99 @@
+"""Plain data describing a model source and its components; no torch or diffusers imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+SourceKind = Literal["builtin", "local", "hub"]
+Role = Literal["denoiser", "text_encoder", "vae"]
+Family = Literal["sd", "sdxl", "flux", "other"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, as resolved from what the user typed."""
+
+    spec: str  # exactly what the user wrote: "builtin:tiny-sd", "./my-model", "org/repo"
+    kind: SourceKind
+    name: str  # built-in name ("tiny-sd"), absolute folder path, or hub repo id
+
+    @property
+    def local_path(self) -> Path | None:
+        return Path(self.name) if self.kind == "local" else None
+
+
+@dataclass(frozen=True)
+class ComponentInventory:
+    """Parameter counts of one pipeline component, split the way quantizers see them."""
+
+    name: str  # pipeline attribute: "unet", "transformer", "text_encoder", "text_encoder_2", "vae"
+    role: Role
+    library: str  # "diffusers" or "transformers"
+    class_name: str
+    params: int  # every parameter
+    linear_params: int  # weights of nn.Linear modules: what diffusers' quantizers replace
+    gguf_params: int  # the subset of linear_params whose in_features % 32 == 0 (GGUF-quantizable)
+
+    @property
+    def other_params(self) -> int:
+        """Parameters that stay at compute precision under every quantizer (conv, norm, bias,
+        embeddings)."""
+        return self.params - self.linear_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "library": self.library,
+            "class_name": self.class_name,
+            "params": self.params,
+            "linear_params": self.linear_params,
+            "gguf_params": self.gguf_params,
+        }
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    """What the planner needs to know about a model without loading its weights."""
+
+    source: ModelSource
+    family: Family
+    pipeline_class: str  # model_index.json's _class_name, e.g. "StableDiffusionXLPipeline"
+    components: tuple[ComponentInventory, ...]
+    default_size: int  # native resolution in pixels (512 for SD1.5, 1024 for SDXL/Flux)
+    vae_scale_factor: int  # pixels per latent pixel (8)
+
+    @property
+    def denoiser(self) -> ComponentInventory:
+        return next(c for c in self.components if c.role == "denoiser")
+
+    @property
+    def text_encoders(self) -> tuple[ComponentInventory, ...]:
+        return tuple(c for c in self.components if c.role == "text_encoder")
+
+    @property
+    def vae(self) -> ComponentInventory | None:
+        return next((c for c in self.components if c.role == "vae"), None)
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.components)
+
+    def component(self, name: str) -> ComponentInventory:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.source.spec,
+            "family": self.family,
+            "pipeline_class": self.pipeline_class,
+            "default_size": self.default_size,
+            "vae_scale_factor": self.vae_scale_factor,
+            "params": self.params,
+            "components": [c.to_dict() for c in self.components],
+        }
