@@ -1,0 +1,227 @@
+"""Memory estimates per tier, from parameter counts alone (no weights are loaded).
+
+Calibrated against the measured figures in ../shared/notes/gpu-anchors.md (SDXL UNet and the
+Flux-dev transformer on an H200, every backend); tests/test_estimate.py holds every row of that
+table to ±10%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from autoquant.models.types import ComponentInventory, ModelInventory
+from autoquant.planner.tiers import DTYPE_BYTES, QUANT_FORMATS, Tier
+
+GiB = 1024**3
+
+# Memory outside PyTorch's allocator on a CUDA device (context, cuBLAS workspace): measured
+# ~0.65 GB on an H200. A per-process cap does not cover it, and a real card must hold it.
+CUDA_CONTEXT_BYTES = int(0.65 * GiB)
+# Python, torch and diffusers themselves, on CPU runs (resident set before any weights).
+CPU_RUNTIME_BYTES = int(1.0 * GiB)
+
+# Denoiser activation memory per latent pixel and per batch item at a 2-byte compute dtype, the
+# peak of one forward above the weights. Measured: SDXL UNet at 1024² batch 2 (CFG) adds
+# 0.35 GiB; the Flux-dev transformer at 1024² batch 1 adds 0.49 GiB.
+_ACTIVATION_PER_LATENT_PIXEL = {"unet": 11_500, "transformer": 32_000}
+# fp32 activations are not quite twice bf16's (measured 1.8× on SDXL, 1.6× on Flux).
+_FP32_ACTIVATION_FACTOR = 1.7
+# VAE decode peak per output pixel per image at a 2-byte dtype (an SD-style decoder keeps a few
+# 128–256-channel maps at full resolution alive). Not yet measured on a GPU: treat as rough.
+_VAE_DECODE_PER_PIXEL = 2_000
+# Tiled VAE decode works on tiles of about this many output pixels at a time.
+_VAE_TILE_PIXELS = 512 * 512
+# Group offload keeps about this fraction of a component's weights on the device at once
+# (block-level groups streamed ahead of use). Rough: depends on the largest block.
+_GROUP_OFFLOAD_RESIDENT = 0.15
+# Allocator rounding and per-tensor padding seen on top of the raw weight bytes (~1%).
+_ALLOCATOR_OVERHEAD = 1.01
+
+# Pipelines that run the denoiser on a doubled batch for classifier-free guidance.
+_CFG_FAMILIES = {"sd", "sdxl", "other"}
+
+
+@dataclass(frozen=True)
+class Request:
+    """The generation an estimate is for."""
+
+    width: int
+    height: int
+    batch: int = 1
+    steps: int = 30
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"width": self.width, "height": self.height, "batch": self.batch, "steps": self.steps}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated memory of one tier on its device (GPU memory, or RAM on CPU), in bytes."""
+
+    components: dict[str, int]  # weights per component once loaded
+    denoiser_activation_bytes: int
+    vae_decode_bytes: int
+    peak_bytes: int  # highest allocation while generating (inside the allocator)
+    load_peak_bytes: int  # highest allocation while loading/quantizing
+    overhead_bytes: int  # outside the allocator: CUDA context, or the CPU runtime
+    host_bytes: int  # weights parked in system RAM by offloading
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def required_bytes(self) -> int:
+        """What the device must have free: the higher of the two peaks plus the overhead."""
+        return max(self.peak_bytes, self.load_peak_bytes) + self.overhead_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "components": dict(self.components),
+            "weights_bytes": self.weights_bytes,
+            "denoiser_activation_bytes": self.denoiser_activation_bytes,
+            "vae_decode_bytes": self.vae_decode_bytes,
+            "peak_bytes": self.peak_bytes,
+            "load_peak_bytes": self.load_peak_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "host_bytes": self.host_bytes,
+            "required_bytes": self.required_bytes,
+        }
+
+
+def component_weight_bytes(
+    component: ComponentInventory, backend: str, precision: str, compute_dtype: str
+) -> int:
+    """Bytes of one component's weights once loaded in the given format."""
+    dense = DTYPE_BYTES[compute_dtype]
+    if backend == "none":
+        return int(component.params * DTYPE_BYTES[precision] * _ALLOCATOR_OVERHEAD)
+    fmt = QUANT_FORMATS[(backend, precision)]
+    quantized = component.linear_params if fmt.quantizes_all_linear else component.gguf_params
+    raw = quantized * fmt.linear_bytes + (component.params - quantized) * dense
+    return int(raw * _ALLOCATOR_OVERHEAD)
+
+
+def denoiser_activation_bytes(
+    inventory: ModelInventory, request: Request, tier: Tier
+) -> int:
+    """Peak activation memory of one denoiser forward above its weights."""
+    kind = "transformer" if "Transformer" in inventory.denoiser.class_name else "unet"
+    latent_pixels = (request.width // inventory.vae_scale_factor) * (
+        request.height // inventory.vae_scale_factor
+    )
+    batch = request.batch * (2 if inventory.family in _CFG_FAMILIES else 1)
+    per_pixel = _ACTIVATION_PER_LATENT_PIXEL[kind]
+    factor = _FP32_ACTIVATION_FACTOR if tier.compute_dtype == "fp32" else 1.0
+    if tier.backend != "none":
+        factor *= QUANT_FORMATS[(tier.backend, tier.precision)].activation_factor
+    return int(latent_pixels * batch * per_pixel * factor)
+
+
+def vae_decode_bytes(inventory: ModelInventory, request: Request, tier: Tier) -> int:
+    if inventory.vae is None:
+        return 0
+    pixels = request.width * request.height
+    if "vae_tiling" in tier.memory_options:
+        pixels = min(pixels, _VAE_TILE_PIXELS)
+    images = 1 if "vae_slicing" in tier.memory_options else request.batch
+    factor = 2.0 if _vae_dtype(tier) == "fp32" else 1.0
+    return int(pixels * images * _VAE_DECODE_PER_PIXEL * factor)
+
+
+def _vae_dtype(tier: Tier) -> str:
+    # Quanto "mixed" keeps the VAE in fp32 for quality; otherwise it runs at compute precision.
+    return "fp32" if (tier.backend, tier.precision) == ("quanto", "mixed") else tier.compute_dtype
+
+
+def _component_bytes(inventory: ModelInventory, tier: Tier) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for component in inventory.components:
+        if component.role == "vae":
+            sizes[component.name] = component_weight_bytes(
+                component, "none", _vae_dtype(tier), tier.compute_dtype
+            )
+        elif component.name in tier.quantized_components:
+            # Text encoders are quantized with the same backend at its 8-bit/4-bit format;
+            # Quanto "mixed"/"float8" map to int8 for them.
+            precision = "int8" if tier.precision in ("mixed", "float8") else tier.precision
+            sizes[component.name] = component_weight_bytes(
+                component, tier.backend, precision, tier.compute_dtype
+            )
+        elif tier.backend == "none":
+            sizes[component.name] = component_weight_bytes(
+                component, "none", tier.precision, tier.compute_dtype
+            )
+        else:
+            sizes[component.name] = component_weight_bytes(
+                component, "none", tier.compute_dtype, tier.compute_dtype
+            )
+    return sizes
+
+
+def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu: bool) -> Estimate:
+    """Estimate a whole pipeline built as ``tier`` generating ``request``."""
+    sizes = _component_bytes(inventory, tier)
+    denoiser = inventory.denoiser.name
+    activation = denoiser_activation_bytes(inventory, request, tier)
+    decode = vae_decode_bytes(inventory, request, tier)
+    vae_name = inventory.vae.name if inventory.vae else None
+
+    def active(name: str) -> int:
+        if name == denoiser:
+            return activation
+        return decode if name == vae_name else 0
+
+    if on_gpu and "group_offload" in tier.memory_options:
+        resident = {
+            name: int(size * _GROUP_OFFLOAD_RESIDENT) if name != vae_name else size
+            for name, size in sizes.items()
+        }
+        peak = max(resident[name] + active(name) for name in sizes)
+    elif on_gpu and "model_cpu_offload" in tier.memory_options:
+        peak = max(size + active(name) for name, size in sizes.items())
+    else:
+        peak = sum(sizes.values()) + max(activation, decode)
+    offloaded = on_gpu and tier.offloaded
+    host = sum(sizes.values()) if offloaded else 0
+
+    fmt = QUANT_FORMATS.get((tier.backend, tier.precision))
+    load_peak = peak
+    if fmt is not None and fmt.load_peak_factor:
+        dense_denoiser = component_weight_bytes(
+            inventory.denoiser, "none", tier.compute_dtype, tier.compute_dtype
+        )
+        others = 0 if offloaded else sum(s for n, s in sizes.items() if n != denoiser)
+        load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
+    overhead = CUDA_CONTEXT_BYTES if on_gpu else CPU_RUNTIME_BYTES
+    return Estimate(
+        components=sizes,
+        denoiser_activation_bytes=activation,
+        vae_decode_bytes=decode,
+        peak_bytes=peak,
+        load_peak_bytes=load_peak,
+        overhead_bytes=overhead,
+        host_bytes=host,
+    )
+
+
+def estimate_denoiser(
+    inventory: ModelInventory, tier: Tier, request: Request
+) -> tuple[int, int, int]:
+    """(weights, forward peak, load peak) of the denoiser alone on a GPU, the quantities the
+    measured anchor table reports."""
+    component = inventory.denoiser
+    if tier.backend == "none":
+        weights = component_weight_bytes(component, "none", tier.precision, tier.compute_dtype)
+    else:
+        weights = component_weight_bytes(
+            component, tier.backend, tier.precision, tier.compute_dtype
+        )
+    peak = weights + denoiser_activation_bytes(inventory, request, tier)
+    fmt = QUANT_FORMATS.get((tier.backend, tier.precision))
+    load_peak = weights
+    if fmt is not None and fmt.load_peak_factor:
+        dense = component_weight_bytes(component, "none", tier.compute_dtype, tier.compute_dtype)
+        load_peak = max(weights, int(dense * fmt.load_peak_factor))
+    return weights, peak, load_peak

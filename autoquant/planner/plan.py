@@ -1,0 +1,416 @@
+"""`plan(profile, model, rules, request) -> Plan`: walk the decision tree, check the choice fits,
+and lay out the fallback ladder. Pure: no I/O beyond reading the model's configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from autoquant.errors import AutoquantError
+from autoquant.models.types import ModelInventory, ModelSource
+from autoquant.planner.estimate import Estimate, Request, estimate
+from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
+from autoquant.planner.tiers import PROBE_NAMES, Tier
+from autoquant.probe.types import HardwareProfile
+from autoquant.units import format_bytes
+
+GB = 1e9
+# Backends that can quantize transformers text encoders through transformers' own configs.
+_TEXT_ENCODER_QUANTIZERS = {"quanto", "bitsandbytes", "torchao"}
+
+
+@dataclass(frozen=True)
+class PlannedTier:
+    """A tier with the memory options that make it fit, and its estimate."""
+
+    tier: Tier
+    estimate: Estimate
+    fits: bool
+    device_map: str | None = None  # "balanced": components spread over several GPUs
+
+    @property
+    def label(self) -> str:
+        return self.tier.label + (" (balanced over GPUs)" if self.device_map else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.tier.to_dict(),
+            "device_map": self.device_map,
+            "fits": self.fits,
+            "estimate_bytes": self.estimate.required_bytes,
+            "estimate": self.estimate.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    family: str
+    device: str  # "cuda", "cpu", "mps", …: where the pipeline runs
+    budget_bytes: int  # memory the plan may use on that device
+    chosen: PlannedTier
+    ladder: tuple[PlannedTier, ...]  # chosen first, then each needing less memory
+    path: tuple[str, ...]  # every rule that fired, with the facts it compared
+    request: Request
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "family": self.family,
+            "device": self.device,
+            "budget_bytes": self.budget_bytes,
+            "chosen": self.chosen.to_dict(),
+            "ladder": [t.to_dict() for t in self.ladder],
+            "path": list(self.path),
+            "request": self.request.to_dict(),
+            "settings": self.settings,
+        }
+
+
+@dataclass
+class _Context:
+    profile: HardwareProfile
+    inventory: ModelInventory
+    settings: dict[str, Any]
+    request: Request
+    compute_dtype: str
+    budget: int
+    path: list[str]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.profile.has_gpu
+
+
+def compute_dtype_for(profile: HardwareProfile, setting: str) -> str:
+    """bf16 where the target has bf16 units; else fp16 on a GPU and fp32 on a CPU."""
+    if setting != "auto":
+        return setting
+    if profile.bf16:
+        return "bf16"
+    return "fp16" if profile.has_gpu else "fp32"
+
+
+def _budget(profile: HardwareProfile, headroom: float) -> int:
+    gpu = profile.primary_gpu
+    if profile.has_gpu and gpu is not None:
+        return int(gpu.free_bytes * headroom)
+    return int(profile.ram_available_bytes * headroom)
+
+
+def _facts(profile: HardwareProfile) -> dict[str, Any]:
+    gpu = profile.primary_gpu if profile.has_gpu else None
+    cap = gpu.capability if gpu else None
+    return {
+        "has_gpu": profile.has_gpu,
+        "accelerator": profile.accelerator,
+        "vram_gb": round(gpu.total_bytes / GB, 1) if gpu else 0.0,
+        "ram_gb": round(profile.ram_total_bytes / GB, 1),
+        "compute_capability": float(f"{cap[0]}.{cap[1]}") if cap else 0.0,
+        "bf16": profile.bf16,
+        "fp8": bool(gpu and gpu.fp8),
+    }
+
+
+def _match(when: dict[str, Any], facts: dict[str, Any], thresholds: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a rule's conditions hold, and the comparison in words."""
+    said: list[str] = []
+    for fact, cond in when.items():
+        value = facts[fact]
+        if isinstance(cond, dict):
+            for op, bound in cond.items():
+                limit = resolve_bound(bound, thresholds, "tree")
+                holds = value >= limit if op == "at_least" else value < limit
+                sign = (">=" if holds else "<") if op == "at_least" else ("<" if holds else ">=")
+                said.append(f"{fact} {value:g} {sign} {limit:g}")
+                if not holds:
+                    return False, "; ".join(said)
+        else:
+            said.append(f"{fact} is {value}" if value == cond else f"{fact} is {value}, not {cond}")
+            if value != cond:
+                return False, "; ".join(said)
+    return True, "; ".join(said) or "always"
+
+
+def _unusable_reason(ctx: _Context, backend: str, precision: str) -> str | None:
+    if backend == "none":
+        return None
+    if (backend, precision) == ("torchao", "float8"):
+        gpu = ctx.profile.primary_gpu
+        if not (ctx.on_gpu and gpu is not None and gpu.fp8):
+            return "torchao float8 needs a GPU of compute capability >= 8.9"
+    status = ctx.profile.backends.get(PROBE_NAMES[backend])
+    if status is None or not status.usable:
+        return (status.reason if status else None) or f"{backend} is not installed"
+    return None
+
+
+def _base_tier(ctx: _Context, backend: str, precision: str) -> Tier:
+    inv = ctx.inventory
+    if backend == "none":
+        return Tier("none", precision, precision)
+    components: tuple[str, ...] = (inv.denoiser.name,)
+    policy = ctx.settings["components"]["quantize_text_encoders"]
+    if policy == "always" and backend in _TEXT_ENCODER_QUANTIZERS:
+        components += tuple(c.name for c in inv.text_encoders)
+    return Tier(backend, precision, ctx.compute_dtype, components)
+
+
+def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
+    """Ways to make a tier smaller, cheapest in speed first: (tier, device_map, what changed)."""
+    inv = ctx.inventory
+    out: list[tuple[Tier, str | None, str]] = [(base, None, "as is")]
+    tier = base
+    policy = ctx.settings["components"]["quantize_text_encoders"]
+    if (
+        policy == "auto"
+        and base.backend in _TEXT_ENCODER_QUANTIZERS
+        and inv.text_encoders
+        and len(base.quantized_components) == 1
+    ):
+        tier = Tier(
+            base.backend,
+            base.precision,
+            base.compute_dtype,
+            base.quantized_components + tuple(c.name for c in inv.text_encoders),
+            base.memory_options,
+        )
+        out.append((tier, None, "with the text encoders quantized"))
+    tier = tier.with_options("vae_slicing", "vae_tiling")
+    out.append((tier, None, "with VAE slicing and tiling"))
+    if not ctx.on_gpu or base.backend == "none":
+        return out
+    if len(ctx.profile.gpus) > 1 and ctx.settings["planner"]["allow_multi_gpu"]:
+        out.append((tier, "balanced", f"spread over {len(ctx.profile.gpus)} GPUs"))
+    if ctx.settings["planner"]["allow_offload"]:
+        out.append((tier.with_options("model_cpu_offload"), None, "with model CPU offload"))
+        # GGUF + sequential/group offload is broken in diffusers 0.42.1 (KeyError None).
+        if base.backend != "gguf":
+            out.append((tier.with_options("group_offload"), None, "with group offload"))
+    return out
+
+
+def _fits(ctx: _Context, est: Estimate, device_map: str | None) -> bool:
+    if est.host_bytes > ctx.profile.ram_available_bytes:
+        return False
+    if device_map == "balanced":
+        headroom = ctx.settings["planner"]["headroom"]
+        budgets = [int(g.free_bytes * headroom) - est.overhead_bytes for g in ctx.profile.gpus]
+        largest = max(est.components.values())
+        return sum(budgets) >= max(est.peak_bytes, est.load_peak_bytes) and max(budgets) >= largest
+    return est.required_bytes <= ctx.budget
+
+
+def _fit(ctx: _Context, backend: str, precision: str, *, allow_shrink: bool = True) -> PlannedTier:
+    """The first variant of a tier that fits the budget, or the smallest one marked not fitting."""
+    last: PlannedTier | None = None
+    for tier, device_map, _ in _variants(ctx, _base_tier(ctx, backend, precision)):
+        est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
+        planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
+        if planned.fits:
+            return planned
+        last = planned
+        if not allow_shrink:
+            break
+    assert last is not None
+    return last
+
+
+def _describe_fit(ctx: _Context, planned: PlannedTier) -> str:
+    need = format_bytes(planned.estimate.required_bytes)
+    where = "GPU" if ctx.on_gpu else "RAM"
+    verdict = "fits" if planned.fits else "does not fit"
+    return f"{planned.label}: needs ~{need} {verdict} the {where} budget {format_bytes(ctx.budget)}"
+
+
+def _tree_choice(ctx: _Context) -> tuple[str, str]:
+    settings = ctx.settings
+    facts = _facts(ctx.profile)
+    thresholds = settings["thresholds"]
+    for rule in settings["tree"]:
+        name = rule.get("rule", rule["backend"])
+        ok, said = _match(rule.get("when") or {}, facts, thresholds)
+        backend = rule["backend"]
+        if not ok:
+            ctx.path.append(f"tree '{name}': {said} → not {backend}")
+            continue
+        reason = _unusable_reason(ctx, backend, _precision_for(ctx, backend, say=False))
+        if reason:
+            ctx.path.append(f"tree '{name}': {said} → {backend}, but it cannot run here: {reason}")
+            continue
+        ctx.path.append(f"tree '{name}': {said} → {backend}")
+        return backend, _precision_for(ctx, backend)
+    raise AutoquantError("no rule of the decision tree applies here and can run: check 'tree'")
+
+
+def _precision_for(ctx: _Context, backend: str, *, say: bool = True) -> str:
+    if backend == "none":
+        return ctx.compute_dtype
+    spec = ctx.settings["precision"].get(backend)
+    if spec is None:
+        raise AutoquantError(f"profile has no 'precision.{backend}' entry to pick a precision")
+    by = spec["by"]
+    value = ctx.settings["priorities"][by]
+    if value not in spec:
+        raise AutoquantError(f"precision.{backend} has no choice for {by}={value!r}")
+    precision = str(spec[value])
+    if say:
+        ctx.path.append(f"priority {by}={value} → {backend} {precision}")
+    return precision
+
+
+def _choose(ctx: _Context) -> PlannedTier:
+    settings = ctx.settings
+    force = settings["force"]
+    if force["backend"]:
+        backend = force["backend"]
+        precision = force["precision"] or _precision_for(ctx, backend)
+        base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
+        est = estimate(ctx.inventory, base, ctx.request, on_gpu=ctx.on_gpu)
+        chosen = PlannedTier(base, est, _fits(ctx, est, None))
+        ctx.path.append(f"forced: {chosen.label}")
+        reason = _unusable_reason(ctx, backend, precision)
+        if reason:
+            ctx.path.append(f"warning: {backend} cannot run here ({reason}); it will be recorded")
+        if not chosen.fits:
+            ctx.path.append(f"warning: {_describe_fit(ctx, chosen)}; falling back on OOM")
+        return chosen
+
+    if settings["planner"]["skip_if_fits"] and ctx.on_gpu:
+        unquantized = _fit(ctx, "none", ctx.compute_dtype, allow_shrink=True)
+        ctx.path.append(f"fits unquantized? {_describe_fit(ctx, unquantized)}")
+        if unquantized.fits:
+            ctx.path.append("→ no quantization: it only costs speed when the model fits")
+            return unquantized
+    elif ctx.on_gpu:
+        ctx.path.append("planner.skip_if_fits is false → follow the decision tree")
+
+    backend, precision = _tree_choice(ctx)
+    chosen = _fit(ctx, backend, precision)
+    for line in _fit_story(ctx, backend, precision, chosen):
+        ctx.path.append(line)
+    if chosen.fits:
+        return chosen
+    for entry in ladder_entries(settings):
+        if _unusable_reason(ctx, *entry):
+            continue
+        candidate = _fit(ctx, *entry)
+        if candidate.fits:
+            ctx.path.append(f"→ falling down the ladder: {_describe_fit(ctx, candidate)}")
+            return candidate
+    raise AutoquantError(
+        f"no tier of {ctx.inventory.source.spec} fits the memory budget "
+        f"{format_bytes(ctx.budget)} at {ctx.request.width}x{ctx.request.height}: the smallest, "
+        f"{_describe_fit(ctx, chosen)}; use a smaller --size, a machine with more memory, "
+        "or force a tier with --backend/--precision"
+    )
+
+
+def _fit_story(ctx: _Context, backend: str, precision: str, chosen: PlannedTier) -> list[str]:
+    """Path lines for each variant tried before the one that fits."""
+    lines = []
+    for tier, device_map, change in _variants(ctx, _base_tier(ctx, backend, precision)):
+        est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
+        planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
+        parts = ", ".join(
+            f"{name} {format_bytes(size)}" for name, size in est.components.items()
+        )
+        lines.append(f"{backend} {precision} {change}: {_describe_fit(ctx, planned)} ({parts})")
+        if planned.tier == chosen.tier and planned.device_map == chosen.device_map:
+            break
+    return lines
+
+
+def _ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
+    """The chosen tier first, then every smaller way to run that fits: the chosen tier's own
+    memory-saving variants and the profile's ladder tiers, each needing less than the one before.
+    """
+    candidates: list[PlannedTier] = []
+    skipped: list[str] = []
+    bases = [chosen.tier]
+    for backend, precision in ladder_entries(ctx.settings):
+        reason = _unusable_reason(ctx, backend, precision)
+        if reason:
+            skipped.append(f"{backend} {precision}")
+        elif (backend, precision) != (chosen.tier.backend, chosen.tier.precision):
+            bases.append(_base_tier(ctx, backend, precision))
+    # Every memory-saving variant of the chosen tier; of the others, the first variant that fits.
+    for index, base in enumerate(bases):
+        for tier, device_map, _ in _variants(ctx, base):
+            est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
+            planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
+            if planned.fits:
+                candidates.append(planned)
+                if index:
+                    break
+    # Stable sort: among equal estimates the profile's order (and the chosen backend) wins.
+    candidates.sort(key=lambda p: -p.estimate.required_bytes)
+    ladder = [chosen]
+    for candidate in candidates:
+        if len(ladder) == ctx.settings["planner"]["ladder_length"]:
+            break
+        if candidate.estimate.required_bytes < ladder[-1].estimate.required_bytes:
+            ladder.append(candidate)
+    if skipped:
+        ctx.path.append(f"ladder: left out what cannot run here: {', '.join(skipped)}")
+    return tuple(ladder)
+
+
+def _as_inventory(model: str | ModelSource | ModelInventory) -> ModelInventory:
+    if isinstance(model, ModelInventory):
+        return model
+    from autoquant.models import inventory, resolve
+
+    return inventory(model if isinstance(model, ModelSource) else resolve(model))
+
+
+def plan(
+    profile: HardwareProfile,
+    model: str | ModelSource | ModelInventory,
+    rules: dict[str, Any] | None = None,
+    request: Request | None = None,
+) -> Plan:
+    """Decide how to build ``model`` on the machine ``profile`` describes."""
+    settings = rules if rules is not None else load_settings()
+    inv = _as_inventory(model)
+    if request is None:
+        req = settings["request"]
+        request = Request(
+            width=req["width"] or inv.default_size,
+            height=req["height"] or inv.default_size,
+            batch=req["batch"],
+            steps=req["steps"],
+        )
+    headroom = settings["planner"]["headroom"]
+    ctx = _Context(
+        profile=profile,
+        inventory=inv,
+        settings=settings,
+        request=request,
+        compute_dtype=compute_dtype_for(profile, settings["planner"]["compute_dtype"]),
+        budget=_budget(profile, headroom),
+        path=[],
+    )
+    where = "GPU free memory" if ctx.on_gpu else "available RAM"
+    ctx.path.append(
+        f"budget: {where} × headroom {headroom:g} = {format_bytes(ctx.budget)}; compute dtype "
+        f"{ctx.compute_dtype}; estimate for {request.width}x{request.height}, batch {request.batch}"
+    )
+    chosen = _choose(ctx)
+    ladder = _ladder(ctx, chosen)
+    gpu = profile.primary_gpu
+    device = profile.accelerator if profile.has_gpu else "cpu"
+    if device == "rocm":
+        device = "cuda"  # ROCm builds of PyTorch address the GPU as "cuda"
+    return Plan(
+        model=inv.source.spec,
+        family=inv.family,
+        device=f"{device}:{gpu.index}" if gpu and profile.has_gpu and device == "cuda" else device,
+        budget_bytes=ctx.budget,
+        chosen=chosen,
+        ladder=ladder,
+        path=tuple(ctx.path),
+        request=request,
+        settings=settings,
+    )

@@ -1,0 +1,348 @@
+"""Profiles: the default decision tree and settings, presets, user files and `--set` overrides.
+
+Layers merge in order default < preset/user files (in the order given) < `--set`. Every layer is
+validated against the default's keys and types; errors name the file, line and key in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoquant.errors import ConfigError
+from autoquant.planner.tiers import MEMORY_OPTIONS, PRECISIONS, validate_tier_name
+
+# Keys whose default is null (or a list) and the types they accept when set.
+_NULLABLE: dict[str, tuple[type, ...]] = {
+    "hardware.device": (str,),
+    "hardware.vram": (str, int, float),
+    "hardware.compute_capability": (str, float),
+    "request.width": (int,),
+    "request.height": (int,),
+    "force.backend": (str,),
+    "force.precision": (str,),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "planner.compute_dtype": ("auto", "bf16", "fp16", "fp32"),
+    "hardware.device": ("cuda", "cpu", "mps"),
+    "priorities.quality": ("balanced", "quality_first"),
+    "priorities.deployment": ("production", "development"),
+    "priorities.target": ("desktop", "edge"),
+    "components.quantize_text_encoders": ("auto", "always", "never"),
+}
+# Sections validated by their own functions rather than key by key.
+_FREEFORM = {"tree", "ladder", "precision", "force.memory_options"}
+_FACTS = {
+    "has_gpu": bool,
+    "accelerator": str,
+    "vram_gb": float,
+    "ram_gb": float,
+    "compute_capability": float,
+    "bf16": bool,
+    "fp8": bool,
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One parsed source of settings, with the line of each dotted key for error messages."""
+
+    name: str
+    data: dict[str, Any]
+    lines: dict[str, int]
+
+
+def _profiles_root() -> Path:
+    # A wheel ships profiles/ as autoquant/profiles; a source checkout has it beside autoquant/.
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "profiles"
+    return installed if installed.is_dir() else package.parent / "profiles"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (_profiles_root() / "presets").glob("*.yaml"))
+
+
+def _index_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            _index_lines(value_node, key, lines)
+
+
+def parse_yaml(text: str, name: str) -> Layer:
+    """Parse one YAML document into a Layer; malformed YAML → ConfigError naming file and line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark is not None else name
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}:1: a profile must be a mapping of keys, not {type(data).__name__}")
+    lines: dict[str, int] = {}
+    if node is not None:
+        _index_lines(node, "", lines)
+    return Layer(name, data, lines)
+
+
+def load_layer(spec: str) -> Layer:
+    """A user file path, or the name of a shipped preset (`rtx4060-8gb`)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        preset = _profiles_root() / "presets" / f"{spec.removesuffix('.yaml')}.yaml"
+        if not preset.is_file():
+            names = ", ".join(preset_names())
+            raise ConfigError(f"profile {spec!r}: no such file or preset (presets: {names})")
+        path = preset
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"profile {spec!r}: cannot read it: {err}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_set(items: Iterable[str]) -> Layer:
+    """`--set a.b=value` overrides; values are read as YAML scalars (true, 0.8, null, [a, b])."""
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write it as dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is set twice in different shapes")
+        node[parts[-1]] = value
+    return Layer("--set", data, {})
+
+
+def default_layer() -> Layer:
+    path = _profiles_root() / "default.yaml"
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def _where(layer: Layer, key: str) -> str:
+    line = layer.lines.get(key)
+    return f"{layer.name}:{line}" if line else layer.name
+
+
+def _check_keys(layer: Layer, data: dict[str, Any], schema: dict[str, Any], prefix: str) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            known = "" if hint else f" (known: {', '.join(map(str, schema))})"
+            raise ConfigError(f"{_where(layer, dotted)}: unknown key {dotted!r}{hint}{known}")
+        if dotted in _FREEFORM:
+            continue
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{_where(layer, dotted)}: {dotted!r} must be a mapping")
+            _check_keys(layer, value, expected, dotted)
+            continue
+        _check_value(layer, dotted, value, expected)
+
+
+def _check_value(layer: Layer, dotted: str, value: Any, default: Any) -> None:
+    if value is None:
+        if dotted in _NULLABLE:
+            return
+        raise ConfigError(f"{_where(layer, dotted)}: {dotted!r} cannot be null")
+    allowed: tuple[type, ...]
+    if dotted in _NULLABLE:
+        allowed = _NULLABLE[dotted]
+    elif isinstance(default, bool):
+        allowed = (bool,)
+    elif isinstance(default, (int, float)):
+        allowed = (int, float)
+    else:
+        allowed = (type(default),)
+    if isinstance(value, bool) and bool not in allowed:
+        allowed_ok = False
+    else:
+        allowed_ok = isinstance(value, allowed)
+    if not allowed_ok:
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(
+            f"{_where(layer, dotted)}: {dotted!r} must be {names}, not {type(value).__name__} "
+            f"({value!r})"
+        )
+    choices = _CHOICES.get(dotted)
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{_where(layer, dotted)}: {dotted!r} is {value!r}; choose one of {', '.join(choices)}"
+        )
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "precision":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and key == "precision":
+            merged = dict(out.get(key, {}))
+            merged.update(copy.deepcopy(value))
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_tier(text: Any, where: str) -> tuple[str, str]:
+    if not isinstance(text, str) or len(text.split()) != 2:
+        raise ConfigError(f"{where}: ladder entries are 'backend precision', e.g. 'gguf q4_0'")
+    backend, precision = text.split()
+    try:
+        validate_tier_name(backend, precision)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return backend, precision
+
+
+def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
+    def where(key: str) -> str:
+        for layer in reversed(layers):
+            if key in layer.lines or _has(layer.data, key):
+                return _where(layer, key)
+        return "profile"
+
+    thresholds = settings["thresholds"]
+    for name, value in thresholds.items():
+        if value < 0:
+            raise ConfigError(f"{where('thresholds.' + name)}: thresholds.{name} must be >= 0")
+
+    tree = settings["tree"]
+    if not isinstance(tree, list) or not tree:
+        raise ConfigError(f"{where('tree')}: 'tree' must be a non-empty list of rules")
+    last_floor: float | None = None
+    last_rule = ""
+    for index, rule in enumerate(tree):
+        here = f"{where('tree')} (rule {index + 1})"
+        if not isinstance(rule, dict) or "backend" not in rule:
+            raise ConfigError(f"{here}: each rule needs 'backend' (and optional 'rule', 'when')")
+        unknown = set(rule) - {"rule", "when", "backend"}
+        if unknown:
+            raise ConfigError(f"{here}: unknown key(s) {sorted(unknown)} in a tree rule")
+        try:
+            validate_tier_name(rule["backend"], None)
+        except ValueError as err:
+            raise ConfigError(f"{here}: {err}") from None
+        when = rule.get("when") or {}
+        if not isinstance(when, dict):
+            raise ConfigError(f"{here}: 'when' must be a mapping of fact: condition")
+        for fact, cond in when.items():
+            if fact not in _FACTS:
+                close = difflib.get_close_matches(str(fact), list(_FACTS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(_FACTS)})"
+                raise ConfigError(f"{here}: unknown fact {fact!r}{hint}")
+            if isinstance(cond, dict):
+                bad = set(cond) - {"at_least", "below"}
+                if bad:
+                    raise ConfigError(f"{here}: conditions are at_least/below, not {sorted(bad)}")
+                for bound in cond.values():
+                    resolve_bound(bound, thresholds, here)
+                if fact == "vram_gb" and "at_least" in cond:
+                    floor = resolve_bound(cond["at_least"], thresholds, here)
+                    if last_floor is not None and floor > last_floor:
+                        bound = cond["at_least"]
+                        if isinstance(bound, str):
+                            here = where(f"thresholds.{bound}")
+                        raise ConfigError(
+                            f"{here}: thresholds out of order: rule {rule.get('rule', index + 1)!r} "
+                            f"needs vram_gb >= {floor:g} after {last_rule!r} took >= "
+                            f"{last_floor:g}, so it can never fire"
+                        )
+                    last_floor, last_rule = floor, str(rule.get("rule", index + 1))
+
+    for backend, spec in settings["precision"].items():
+        here = where(f"precision.{backend}")
+        if backend not in PRECISIONS:
+            raise ConfigError(f"{here}: unknown backend {backend!r} in 'precision'")
+        if not isinstance(spec, dict) or "by" not in spec:
+            raise ConfigError(f"{here}: precision.{backend} needs 'by: <priority>' and choices")
+        if spec["by"] not in settings["priorities"]:
+            raise ConfigError(f"{here}: precision.{backend}.by must name a priority")
+        for choice, precision in spec.items():
+            if choice == "by":
+                continue
+            try:
+                validate_tier_name(backend, precision)
+            except ValueError as err:
+                raise ConfigError(f"{here}: {err}") from None
+
+    ladder = settings["ladder"]
+    if not isinstance(ladder, list) or not ladder:
+        raise ConfigError(f"{where('ladder')}: 'ladder' must be a non-empty list")
+    for entry in ladder:
+        _parse_tier(entry, where("ladder"))
+
+    force = settings["force"]
+    if force["precision"] is not None and force["backend"] is None:
+        raise ConfigError(f"{where('force.precision')}: force.precision needs force.backend")
+    if force["backend"] is not None:
+        try:
+            validate_tier_name(force["backend"], force["precision"])
+        except ValueError as err:
+            raise ConfigError(f"{where('force.backend')}: {err}") from None
+    options = force["memory_options"]
+    if not isinstance(options, list) or any(o not in MEMORY_OPTIONS for o in options):
+        raise ConfigError(
+            f"{where('force.memory_options')}: force.memory_options is a list of "
+            f"{', '.join(MEMORY_OPTIONS)}"
+        )
+
+
+def _has(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def resolve_bound(bound: Any, thresholds: dict[str, Any], where: str) -> float:
+    """A condition's bound: a number, or the name of a key under `thresholds`."""
+    if isinstance(bound, bool):
+        raise ConfigError(f"{where}: a bound must be a number or a threshold name, not {bound}")
+    if isinstance(bound, (int, float)):
+        return float(bound)
+    if isinstance(bound, str) and bound in thresholds:
+        return float(thresholds[bound])
+    raise ConfigError(f"{where}: unknown threshold {bound!r} (known: {', '.join(thresholds)})")
+
+
+def load_settings(profiles: Sequence[str] = (), overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Effective settings: default.yaml, then each profile (preset name or file), then `--set`."""
+    default = default_layer()
+    layers = [default, *(load_layer(p) for p in profiles), parse_set(overrides)]
+    settings: dict[str, Any] = {}
+    for layer in layers:
+        _check_keys(layer, layer.data, default.data, "")
+        settings = _merge(settings, layer.data)
+    _check_sections(settings, layers)
+    return settings
+
+
+def ladder_entries(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    return [_parse_tier(e, "ladder") for e in settings["ladder"]]

@@ -1,0 +1,63 @@
+"""The estimator against every row of the measured GPU table (../shared/notes/gpu-anchors.md).
+
+The SDXL UNet ran at 1024² batch 2 (CFG), the Flux-dev transformer at 1024² batch 1, on an H200.
+Weights and forward peak are GiB of allocated memory; load peak where the table gives one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from autoquant.models import inventory, resolve
+from autoquant.planner.estimate import Request, estimate_denoiser
+from autoquant.planner.tiers import Tier
+
+GiB = 1024**3
+
+# (backend, precision): (weights GiB, peak GiB, load peak GiB or None)
+SDXL_UNET = {
+    ("none", "bf16"): (4.82, 5.17, None),
+    ("none", "fp32"): (9.61, 10.24, None),
+    ("bitsandbytes", "nf4"): (1.83, 2.15, None),
+    ("bitsandbytes", "int8"): (2.82, 3.29, None),
+    ("quanto", "int8"): (2.78, 3.10, None),
+    ("quanto", "int4"): (1.76, 2.08, 2.95),
+    ("torchao", "int8"): (2.80, 3.12, None),
+    ("torchao", "float8"): (2.82, 3.27, None),
+    ("gguf", "q8_0"): (2.91, 3.23, None),
+    ("gguf", "q4_0"): (1.81, 2.13, None),
+}
+FLUX_TRANSFORMER = {
+    ("none", "bf16"): (22.17, 22.66, None),
+    ("none", "fp32"): (44.34, 45.14, None),
+    ("bitsandbytes", "nf4"): (6.24, 6.71, None),
+    ("bitsandbytes", "int8"): (11.13, 11.88, None),
+    ("quanto", "int8"): (11.15, 11.63, None),
+    ("quanto", "int4"): (5.92, 6.38, 12.35),
+    ("torchao", "int8"): (11.10, 11.57, None),
+    ("torchao", "float8"): (11.09, 12.30, None),
+    ("gguf", "q8_0"): (11.93, 12.45, None),
+    ("gguf", "q4_0"): (6.29, 6.82, None),
+}
+
+
+def _cases() -> list[tuple[str, tuple[str, str], tuple[float, float, float | None]]]:
+    rows = [("builtin:sdxl", k, v) for k, v in SDXL_UNET.items()]
+    rows += [("builtin:flux-dev", k, v) for k, v in FLUX_TRANSFORMER.items()]
+    return rows
+
+
+@pytest.mark.parametrize(("model", "tier_name", "measured"), _cases())
+def test_denoiser_estimate_within_ten_percent_of_measured(
+    model: str, tier_name: tuple[str, str], measured: tuple[float, float, float | None]
+) -> None:
+    inv = inventory(resolve(model))
+    backend, precision = tier_name
+    compute = "fp32" if precision == "fp32" else "bf16"
+    tier = Tier(backend, precision, compute, (inv.denoiser.name,) if backend != "none" else ())
+    weights, peak, load_peak = estimate_denoiser(inv, tier, Request(1024, 1024, batch=1))
+    want_weights, want_peak, want_load = measured
+    assert weights / GiB == pytest.approx(want_weights, rel=0.10)
+    assert peak / GiB == pytest.approx(want_peak, rel=0.10)
+    if want_load is not None:
+        assert load_peak / GiB == pytest.approx(want_load, rel=0.10)
