@@ -86,10 +86,15 @@ class CpuInfo:
     def bf16(self) -> bool:
         """bf16 arithmetic in hardware (AVX512-BF16 or AMX): bf16 compute is then ~3× faster than
         fp32 on CPU (measured in shared notes); without it bf16 is emulated and slower."""
-        return bool({"avx512_bf16", "amx_bf16"} & set(self.flags))
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(self.flags))  # "bf16": Arm
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "cores": self.cores, "flags": list(self.flags), "bf16": self.bf16}
+        return {
+            "model": self.model,
+            "cores": self.cores,
+            "flags": list(self.flags),
+            "bf16": self.bf16,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,15 @@ class BackendStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DetectedDevices:
+    """What one device source (NVML, or torch as the fallback) found."""
+
+    accelerator: Accelerator
+    gpus: tuple[GpuInfo, ...] = ()
+    driver: str | None = None
 
 
 @dataclass(frozen=True)
