@@ -1,0 +1,5 @@
+import sys
+
+from autoquant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,319 @@
+"""The `autoquant` command. Errors a user can act on print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from autoquant import __version__
+from autoquant.errors import AutoquantError
+from autoquant.units import format_bytes, parse_size
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: argparse's default prints two.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _size_arg(text: str) -> str:
+    parse_size(text)  # validate early: "--vram banana" is a usage error
+    return text
+
+
+def _wxh(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 1024x1024")
+    return int(width), int(height)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return int(text)
+
+
+def _add_machine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vram", type=_size_arg, help="plan for a GPU of this size (8GB, 8GiB, 8192MB)")
+    p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="plan for this device kind")
+    p.add_argument("--compute-capability", help="with an emulated CUDA GPU, e.g. 8.9 (default 8.6)")
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile", action="append", default=[], metavar="FILE|PRESET",
+        help="YAML profile or shipped preset name; repeatable, later ones win",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
+    )
+
+
+def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--model", "-m", default=default,
+        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from autoquant.tuning import DEFAULT_MODEL
+
+    parser = _Parser(
+        prog="autoquant",
+        description="Hardware-aware quantization tuning for diffusers pipelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"autoquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("probe", help="show what this machine has")
+    _add_machine(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("models", help="list the built-in models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("plan", help="decide a tier without building anything")
+    _add_model(p, DEFAULT_MODEL)
+    _add_machine(p)
+    _add_profile(p)
+    p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
+    p.add_argument("--precision", help="force a precision for --backend")
+    p.add_argument("--size", type=_wxh, help="WIDTHxHEIGHT the estimate is for")
+    p.add_argument("--batch", type=_positive, help="images per prompt the estimate is for")
+    p.add_argument("--json", action="store_true", help="print the Plan as JSON")
+
+    p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
+    _add_model(p, DEFAULT_MODEL)
+    _add_profile(p)
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default 20)")
+    p.add_argument("--size", type=_wxh, help="WIDTHxHEIGHT (default: the model's native size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
+    p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
+    p.add_argument("--precision", help="force a precision for --backend")
+    p.add_argument("--vram-limit", type=_size_arg, help="cap this process's GPU memory (real OOM)")
+    p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
+    p.add_argument("--smoke-steps", type=_positive, default=2, help="steps of the smoke test")
+    p.add_argument("--smoke-size", type=_positive, help="side of the smoke test (default: --size)")
+    p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
+
+    p = sub.add_parser("convert", help="write a GGUF of the model's denoiser")
+    p.add_argument("model", help="builtin:NAME or a local diffusers folder")
+    p.add_argument("--to", required=True, dest="qtype", help="q8_0, q5_1, q5_0, q4_1 or q4_0")
+    p.add_argument("--out", type=Path, help="write here instead of the cache (never overwrites)")
+    p.add_argument("--json", action="store_true", help="quiet; print the result as JSON")
+    return parser
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from autoquant.probe import describe, probe
+
+    profile = probe(
+        vram=parse_size(args.vram) if args.vram else None,
+        device=args.device,
+        compute_capability=args.compute_capability,
+    )
+    if args.json:
+        print(profile.to_json())
+    else:
+        print(describe(profile))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from autoquant.models import list_builtins
+
+    entries = list_builtins()
+    if args.json:
+        _print_json(entries)
+        return 0
+    for entry in entries:
+        total = sum(c["params"] for c in entry["components"])
+        print(f"builtin:{entry['name']}  {entry['pipeline_class']}  {total / 1e9:.3f} B params")
+        print(f"    {entry['description']}")
+        for c in entry["components"]:
+            print(
+                f"    {c['name']:<16} {c['class_name']:<30} {c['params']:>15,} params "
+                f"({c['linear_params'] / max(c['params'], 1):.0%} in nn.Linear)"
+            )
+    return 0
+
+
+def _tune_options(args: argparse.Namespace, **extra: Any) -> Any:
+    from autoquant.tuning import TuneOptions
+
+    width, height = args.size if args.size else (None, None)
+    return TuneOptions(
+        model=args.model,
+        profiles=tuple(args.profile),
+        overrides=tuple(args.overrides),
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        width=width,
+        height=height,
+        **extra,
+    )
+
+
+def _print_plan(the_plan: Any) -> None:
+    data = the_plan.to_dict()
+    print(f"model {data['model']} on {data['device']}, budget {format_bytes(data['budget_bytes'])}")
+    print("why:")
+    for step in data["path"]:
+        print(f"  - {step}")
+    print("ladder (chosen first):")
+    for index, planned in enumerate(the_plan.ladder):
+        est = planned.estimate
+        print(
+            f"  {index + 1}. {planned.label:<70} needs ~{format_bytes(est.required_bytes)} "
+            f"(weights {format_bytes(est.weights_bytes)}, peak {format_bytes(est.peak_bytes)})"
+        )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autoquant.tuning import make_plan
+
+    options = _tune_options(
+        args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
+    )
+    started = time.perf_counter()
+    the_plan, _ = make_plan(options)
+    if args.json:
+        _print_json(the_plan.to_dict())
+    else:
+        _print_plan(the_plan)
+        print(f"planned in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoquant.generate import generate
+    from autoquant.outputs import write_run
+    from autoquant.tuning import tune
+
+    def log(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    options = _tune_options(
+        args,
+        vram_limit=args.vram_limit,
+        steps=args.steps,
+        smoke_steps=args.smoke_steps,
+        smoke_size=args.smoke_size,
+        progress=not args.json,
+    )
+    started = time.perf_counter()
+    result = tune(options, log=log)
+    tuned = time.perf_counter() - started
+    steps = args.steps or 20
+    request = result.plan.request
+    log(f"generating {request.width}x{request.height}, {steps} steps …")
+    gen_started = time.perf_counter()
+    output = generate(
+        result,
+        log,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=steps,
+        width=request.width,
+        height=request.height,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    )
+    report = result.report()
+    report["generation_seconds"] = time.perf_counter() - gen_started
+    report["tuning_seconds"] = tuned
+    report["generation"] = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": steps,
+        "width": request.width,
+        "height": request.height,
+        "seed": args.seed,
+    }
+    paths = write_run(args.out, output.images[0], report)
+    report["files"] = {k: str(v) for k, v in paths.items()}
+    if args.json:
+        _print_json(report)
+        return 0
+    measured = report["measured"]
+    print(f"chosen: {report['chosen']['label']} — {report['chosen']['description']}")
+    for attempt in report["tried"][:-1]:
+        print(f"  tried {attempt['label']}: {attempt['outcome']} ({attempt['error']})")
+    print(
+        f"measured: load {measured['load_seconds']:.2f} s, "
+        f"peak {format_bytes(measured['peak_bytes'] or 0)} "
+        f"(estimate {format_bytes(measured['estimate_bytes'] or 0)}), "
+        f"{measured['step_seconds']:.3f} s/step; generation {report['generation_seconds']:.2f} s"
+    )
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    print(f"wrote {paths['image']}, {paths['report_json']}, {paths['report_md']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from autoquant import models
+    from autoquant.gguf_convert import GGUF_QTYPES, convert_denoiser
+
+    if args.qtype not in GGUF_QTYPES:
+        raise AutoquantError(f"--to {args.qtype!r}: choose one of {', '.join(GGUF_QTYPES)}")
+    source = models.resolve(args.model)
+    folder = models.materialize(source, progress=not args.json)
+    result = convert_denoiser(folder, args.qtype, out=args.out, progress=not args.json)
+    if args.json:
+        _print_json({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
+        return 0
+    state = "cache hit" if result.cache_hit else ("rebuilt (cache was corrupt)" if result.rebuilt else "written")
+    print(
+        f"{state}: {result.path} ({format_bytes(result.file_bytes)}; "
+        f"{result.quantized_tensors} tensors quantized, {result.kept_tensors} kept)"
+    )
+    return 0
+
+
+_COMMANDS = {
+    "probe": cmd_probe,
+    "models": cmd_models,
+    "plan": cmd_plan,
+    "run": cmd_run,
+    "convert": cmd_convert,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except AutoquantError as err:
+        print(f"autoquant: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("autoquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

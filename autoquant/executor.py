@@ -1,0 +1,318 @@
+"""`execute(plan) -> Result`: build each tier of the ladder until one passes its smoke test.
+
+Out-of-memory at load or in the smoke test frees everything and moves one tier down, in the same
+process. A tier that cannot run here for another reason is recorded with its error and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autoquant import memory
+from autoquant.backends import BuildRequest, get_backend
+from autoquant.errors import AutoquantError
+from autoquant.models.types import ModelInventory
+from autoquant.planner.plan import Plan, PlannedTier
+from autoquant.probe.types import HardwareProfile
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+SMOKE_PROMPT = "a photo of an astronaut riding a horse on the moon"
+# Flux guidance goes through bf16 (3.5 → 3.504); 4.0 is exact.
+_FLUX_GUIDANCE = 4.0
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Attempt:
+    """One tier tried: what happened and what was measured."""
+
+    backend: str
+    precision: str
+    label: str
+    outcome: str  # "chosen", "oom", "error", "unavailable"
+    phase: str | None = None  # "check", "load" or "smoke": where it failed
+    error: str | None = None
+    load_seconds: float | None = None
+    weights_bytes: int | None = None  # allocated after loading (GPU) / RSS after loading (CPU)
+    peak_bytes: int | None = None
+    step_seconds: float | None = None
+    smoke_seconds: float | None = None
+    estimate_bytes: int | None = None
+    memory_after_free_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SmokeSettings:
+    steps: int = 2
+    width: int = 256
+    height: int = 256
+
+
+@dataclass
+class Result:
+    """The working pipeline and the report of how it was chosen."""
+
+    pipeline: DiffusionPipeline
+    plan: Plan
+    profile: HardwareProfile
+    inventory: ModelInventory
+    folder: Path
+    chosen_index: int
+    attempts: list[Attempt]
+    warnings: list[str] = field(default_factory=list)
+    adjustments: list[str] = field(default_factory=list)  # what OOM recovery changed later
+
+    @property
+    def chosen(self) -> PlannedTier:
+        return self.plan.ladder[self.chosen_index]
+
+    def report(self) -> dict[str, Any]:
+        attempt = self.attempts[-1]
+        return {
+            "model": self.plan.model,
+            "chosen": {
+                "backend": self.chosen.tier.backend,
+                "precision": self.chosen.tier.precision,
+                "label": self.chosen.label,
+                "compute_dtype": self.chosen.tier.compute_dtype,
+                "components": list(self.chosen.tier.quantized_components),
+                "memory_options": list(self.chosen.tier.memory_options),
+                "device_map": self.chosen.device_map,
+                "description": get_backend(self.chosen.tier.backend).describe(self.chosen.tier),
+            },
+            "tried": [a.to_dict() for a in self.attempts],
+            "measured": {
+                "device": self.plan.device,
+                "load_seconds": attempt.load_seconds,
+                "weights_bytes": attempt.weights_bytes,
+                "peak_bytes": attempt.peak_bytes,
+                "step_seconds": attempt.step_seconds,
+                "smoke_seconds": attempt.smoke_seconds,
+                "estimate_bytes": attempt.estimate_bytes,
+            },
+            "warnings": list(self.warnings),
+            "adjustments": list(self.adjustments),
+            "probe": self.profile.to_dict(),
+            "plan": self.plan.to_dict(),
+        }
+
+
+def apply_memory_options(pipe: DiffusionPipeline, planned: PlannedTier, device: str) -> None:
+    """Turn on the tier's memory options and put the pipeline on its device."""
+    import torch
+
+    options = planned.tier.memory_options
+    if "vae_slicing" in options:
+        pipe.vae.enable_slicing()
+    if "vae_tiling" in options:
+        pipe.vae.enable_tiling()
+    if "attention_slicing" in options:
+        pipe.enable_attention_slicing()
+    if planned.device_map:
+        return  # already spread over the GPUs by from_pretrained
+    if "model_cpu_offload" in options:
+        pipe.enable_model_cpu_offload(device=device)
+    elif "group_offload" in options:
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+        )
+    else:
+        pipe.to(device)
+
+
+def pipeline_call_kwargs(
+    inventory: ModelInventory, pipe: DiffusionPipeline, **kwargs: Any
+) -> dict[str, Any]:
+    """Arguments every pipeline family accepts, adjusted per family."""
+    call = dict(kwargs)
+    if inventory.family == "flux":
+        call.setdefault("guidance_scale", _FLUX_GUIDANCE)
+        call.pop("negative_prompt", None)
+        tokenizer = getattr(pipe, "tokenizer_2", None)
+        limit = getattr(tokenizer, "model_max_length", 512)
+        call.setdefault("max_sequence_length", min(512, int(limit)))
+    return call
+
+
+def smoke_test(
+    pipe: DiffusionPipeline, inventory: ModelInventory, smoke: SmokeSettings
+) -> tuple[float, float]:
+    """A short real generation. Returns (seconds per denoising step, whole call seconds);
+    raises if the output is not finite."""
+    import numpy as np
+    import torch
+
+    stamps: list[float] = []
+
+    def on_step_end(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = pipe(
+            **pipeline_call_kwargs(
+                inventory,
+                pipe,
+                prompt=SMOKE_PROMPT,
+                num_inference_steps=smoke.steps,
+                width=smoke.width,
+                height=smoke.height,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            )
+        )
+    total = time.perf_counter() - started
+    images = np.asarray(output.images)
+    if not np.isfinite(images).all():
+        raise RuntimeError("smoke test produced non-finite pixels")
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else total
+    return step, total
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+def build_tier(
+    planned: PlannedTier,
+    *,
+    folder: Path,
+    inventory: ModelInventory,
+    device: str,
+    progress: bool,
+) -> DiffusionPipeline:
+    """Load one tier and make it ready to run (memory options applied, on its device)."""
+    backend = get_backend(planned.tier.backend)
+    request = BuildRequest(
+        folder=folder,
+        inventory=inventory,
+        tier=planned.tier,
+        device=device,
+        device_map=planned.device_map,
+        progress=progress,
+    )
+    pipe = backend.load(request)
+    backend.post_process(pipe, request)
+    apply_memory_options(pipe, planned, device)
+    return pipe
+
+
+def _try_tier(
+    planned: PlannedTier,
+    *,
+    folder: Path,
+    inventory: ModelInventory,
+    device: str,
+    smoke: SmokeSettings,
+    progress: bool,
+    log: Log,
+) -> tuple[DiffusionPipeline | None, Attempt]:
+    tier = planned.tier
+    attempt = Attempt(
+        tier.backend,
+        tier.precision,
+        planned.label,
+        outcome="chosen",
+        estimate_bytes=planned.estimate.required_bytes,
+    )
+    reason = get_backend(tier.backend).unavailable_reason(device)
+    if reason:
+        attempt.outcome, attempt.phase, attempt.error = "unavailable", "check", reason
+        log(f"  skip {planned.label}: {reason}")
+        return None, attempt
+
+    log(f"  building {planned.label} on {device} …")
+    pipe: DiffusionPipeline | None = None
+    phase = "load"
+    failure: tuple[str, str] | None = None
+    memory.reset_peak(device)
+    started = time.perf_counter()
+    try:
+        pipe = build_tier(
+            planned, folder=folder, inventory=inventory, device=device, progress=progress
+        )
+        attempt.load_seconds = time.perf_counter() - started
+        attempt.weights_bytes = memory.allocated(device)
+        phase = "smoke"
+        attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
+        attempt.peak_bytes = memory.peak(device)
+    except Exception as err:  # noqa: BLE001 - every failure of a tier is recorded, then skipped
+        failure = ("oom" if memory.is_oom(err) else "error", _first_line(err))
+    if failure is None:
+        return pipe, attempt
+    # Outside the except block now: the traceback no longer pins the failed tier's tensors.
+    pipe = None
+    memory.free(device)
+    attempt.outcome, attempt.error = failure
+    attempt.phase = phase
+    attempt.memory_after_free_bytes = memory.allocated(device)
+    log(f"  {planned.label} failed at {phase} ({attempt.outcome}): {attempt.error}")
+    return None, attempt
+
+
+def execute(
+    plan: Plan,
+    profile: HardwareProfile,
+    *,
+    folder: Path | None = None,
+    inventory: ModelInventory | None = None,
+    smoke: SmokeSettings | None = None,
+    start: int = 0,
+    progress: bool = True,
+    log: Log | None = None,
+) -> Result:
+    """Try the plan's ladder from ``start`` until a tier loads and passes its smoke test."""
+    from autoquant import models
+
+    log = log or (_stderr if progress else (lambda _m: None))
+    if folder is None or inventory is None:
+        source = models.resolve(plan.model)
+        folder = folder or models.materialize(source, progress=progress)
+        inventory = inventory or models.inventory(source)
+    if smoke is None:
+        side = min(256, plan.request.width, plan.request.height)
+        smoke = SmokeSettings(width=side, height=side)
+    attempts: list[Attempt] = []
+    warnings: list[str] = []
+    for index in range(start, len(plan.ladder)):
+        planned = plan.ladder[index]
+        pipe, attempt = _try_tier(
+            planned,
+            folder=folder,
+            inventory=inventory,
+            device=plan.device,
+            smoke=smoke,
+            progress=progress,
+            log=log,
+        )
+        attempts.append(attempt)
+        if pipe is not None:
+            warnings.extend(get_backend(planned.tier.backend).warnings())
+            log(
+                f"  chose {planned.label}: smoke test {attempt.smoke_seconds:.2f} s, "
+                f"{attempt.step_seconds:.3f} s/step"
+            )
+            return Result(pipe, plan, profile, inventory, folder, index, attempts, warnings)
+    tried = "; ".join(f"{a.label}: {a.outcome} ({a.error})" for a in attempts)
+    raise AutoquantError(f"no tier of {plan.model} could run here: {tried}")

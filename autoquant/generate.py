@@ -1,0 +1,123 @@
+"""Generation after tuning, surviving out-of-memory: first cheaper memory options on the same
+tier, then one tier down the ladder. Every change is recorded in the result's adjustments."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autoquant import memory
+from autoquant.executor import Log, Result, execute, pipeline_call_kwargs
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+# Remedies on the same tier, cheapest in speed first.
+_REMEDIES: tuple[tuple[str, ...], ...] = (
+    ("vae_slicing", "vae_tiling"),
+    ("attention_slicing",),
+    ("model_cpu_offload",),
+)
+
+
+def _apply(pipe: DiffusionPipeline, options: tuple[str, ...], device: str) -> None:
+    if "vae_slicing" in options:
+        pipe.vae.enable_slicing()
+    if "vae_tiling" in options:
+        pipe.vae.enable_tiling()
+    if "attention_slicing" in options:
+        pipe.enable_attention_slicing()
+    if "model_cpu_offload" in options:
+        pipe.enable_model_cpu_offload(device=device)
+
+
+def _next_remedy(result: Result, applied: set[str]) -> tuple[str, ...] | None:
+    present = set(result.chosen.tier.memory_options) | applied
+    if result.chosen.tier.offloaded or result.chosen.device_map:
+        present.add("model_cpu_offload")  # already offloaded/spread: nothing more to move
+    for remedy in _REMEDIES:
+        if not set(remedy) <= present:
+            return remedy
+    return None
+
+
+def generate(result: Result, log: Log, **call: Any) -> Any:
+    """Call the tuned pipeline; on OOM apply the next remedy or tier and call again.
+    Returns the pipeline's output. ``result`` is updated in place when the tier changes."""
+    applied: set[str] = set()
+    while True:
+        failure: str | None = None
+        try:
+            pipe = result.pipeline
+            return _invoke(pipe, pipeline_call_kwargs(result.inventory, pipe, **call))
+        except Exception as err:  # noqa: BLE001 - only OOM is handled; others re-raised below
+            if not memory.is_oom(err):
+                raise
+            failure = str(err).splitlines()[0] if str(err) else "out of memory"
+        memory.free(result.plan.device)
+        size = f"{call.get('width')}x{call.get('height')}"
+        remedy = _next_remedy(result, applied)
+        if remedy is not None:
+            _apply(result.pipeline, remedy, result.plan.device)
+            applied.update(remedy)
+            change = f"out of memory at {size} ({failure}): turned on {', '.join(remedy)}"
+        else:
+            next_index = result.chosen_index + 1
+            if next_index >= len(result.plan.ladder):
+                raise memory_exhausted(result, size)
+            old = result.chosen.label
+            result.pipeline = None  # type: ignore[assignment]  # drop it before building the next
+            memory.free(result.plan.device)
+            fresh = execute(
+                result.plan,
+                result.profile,
+                folder=result.folder,
+                inventory=result.inventory,
+                start=next_index,
+                progress=False,
+                log=log,
+            )
+            result.pipeline, result.chosen_index = fresh.pipeline, fresh.chosen_index
+            result.attempts.extend(fresh.attempts)
+            applied.clear()
+            change = f"out of memory at {size} with {old}: moved down to {result.chosen.label}"
+        result.adjustments.append(change)
+        log(f"  {change}")
+
+
+def _invoke(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+    cls = type(pipe)
+    if getattr(cls, "_autoquant_guarded", False):
+        return super(cls, pipe).__call__(**kwargs)  # the pipeline's own call, not the guard
+    return pipe(**kwargs)
+
+
+def memory_exhausted(result: Result, size: str) -> Exception:
+    from autoquant.errors import AutoquantError
+
+    return AutoquantError(
+        f"out of memory at {size} even on the last tier ({result.chosen.label}): "
+        "use a smaller size or batch"
+    )
+
+
+def guard(result: Result, log: Log) -> DiffusionPipeline:
+    """Make the pipeline's own ``__call__`` recover from OOM the same way (for the loader).
+
+    The instance gets a subclass of its own class whose ``__call__`` goes through
+    :func:`generate`; everything else about the pipeline is unchanged."""
+    pipe = result.pipeline
+    base = type(pipe)
+
+    def guarded_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            kwargs = {"prompt": args[0], **kwargs}
+        output = generate(result, log, **kwargs)
+        if result.pipeline is not self:  # moved to another tier: keep the user's handle working
+            self.__dict__ = result.pipeline.__dict__
+            result.pipeline = self
+        return output
+
+    pipe.__class__ = type(
+        base.__name__, (base,), {"__call__": guarded_call, "_autoquant_guarded": True}
+    )
+    return pipe

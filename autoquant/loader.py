@@ -1,0 +1,34 @@
+"""`autoquant.load(model, **options) -> DiffusionPipeline`: the whole agent as one call."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from autoquant.generate import guard
+from autoquant.tuning import DEFAULT_MODEL, TuneOptions, tune
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+
+def load(
+    model: str = DEFAULT_MODEL, *, oom_guard: bool = True, **options: Any
+) -> DiffusionPipeline:
+    """Probe, plan, build and smoke-test ``model``; return the working pipeline.
+
+    ``options`` are :class:`autoquant.tuning.TuneOptions` fields (``profiles``, ``overrides``,
+    ``backend``, ``precision``, ``vram_limit``, ``width``, ``height``, ``smoke_steps``, …).
+    The report is attached as ``pipe.autoquant_report``. With ``oom_guard`` the pipeline's calls
+    recover from out-of-memory (memory options first, then one tier down) and say what changed.
+    """
+    tune_options = TuneOptions(model=model, **options)
+
+    def log(message: str) -> None:
+        if tune_options.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    result = tune(tune_options, log=log)
+    pipe = guard(result, log) if oom_guard else result.pipeline
+    pipe.autoquant_report = result.report()
+    return pipe

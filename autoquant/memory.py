@@ -1,0 +1,81 @@
+"""Measuring and freeing device memory; recognising out-of-memory errors."""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+from typing import Any
+
+_CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory")
+
+
+def is_oom(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA/XPU/MPS), or the CPU allocator's failure."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and any(
+        m in str(err).lower() for m in _CPU_OOM_MARKERS
+    )
+
+
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def free(device: str) -> None:
+    """Collect garbage and give cached blocks back, so a failed tier's memory is reusable.
+    Call it after leaving the `except` block: a live traceback pins the failed tensors."""
+    import torch
+
+    gc.collect()
+    if _on_cuda(device) and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()  # compiled graphs hold references too
+    except Exception:  # noqa: BLE001 - dynamo may be unavailable; nothing to reset then
+        pass
+
+
+def allocated(device: str) -> int:
+    """Bytes held by tensors: the allocator's count on CUDA, the resident set on CPU."""
+    import torch
+
+    if _on_cuda(device) and torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if _on_cuda(device) and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: str) -> int:
+    """Peak bytes since the last reset on CUDA; on CPU the process's resident high-water mark
+    (it cannot be reset: it covers the whole process so far)."""
+    import torch
+
+    if _on_cuda(device) and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def cap_process_memory(device: str, limit_bytes: int) -> dict[str, Any]:
+    """Cap this process's CUDA allocations at ``limit_bytes`` (a real OOM past it), the way a
+    smaller card would. Returns what was set, for the report."""
+    import torch
+
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, limit_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return {"device": device, "limit_bytes": limit_bytes, "fraction": fraction}

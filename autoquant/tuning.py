@@ -1,0 +1,110 @@
+"""probe → plan → execute, shared by `autoquant run`, `autoquant.load()` and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autoquant.errors import AutoquantError
+from autoquant.executor import Log, Result, SmokeSettings, execute
+from autoquant.planner.estimate import Request
+from autoquant.planner.plan import Plan, plan
+from autoquant.planner.rules import load_settings
+from autoquant.probe.types import HardwareProfile
+from autoquant.units import parse_size
+
+DEFAULT_MODEL = "builtin:tiny-sd"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    model: str = DEFAULT_MODEL
+    profiles: Sequence[str] = ()
+    overrides: Sequence[str] = ()  # "dotted.key=value"
+    backend: str | None = None
+    precision: str | None = None
+    device: str | None = None  # plan for another machine: cuda | cpu | mps
+    vram: str | None = None  # plan for a card of this size (emulated)
+    compute_capability: str | None = None
+    vram_limit: str | None = None  # cap this process's real GPU memory (a real OOM past it)
+    width: int | None = None
+    height: int | None = None
+    batch: int | None = None
+    steps: int | None = None
+    smoke_steps: int = 2
+    smoke_size: int | None = None  # default: the requested size
+    progress: bool = True
+
+
+def settings_for(options: TuneOptions) -> dict[str, Any]:
+    overrides = list(options.overrides)
+    if options.backend:
+        overrides.append(f"force.backend={options.backend}")
+    if options.precision:
+        if not options.backend:
+            raise AutoquantError("--precision needs --backend (e.g. --backend gguf --precision q4_0)")
+        overrides.append(f"force.precision={options.precision}")
+    return load_settings(options.profiles, overrides)
+
+
+def probe_for(options: TuneOptions, settings: dict[str, Any]) -> HardwareProfile:
+    """The probe, with the machine the user asked to plan for (CLI flags over profile keys)."""
+    from autoquant.probe import probe
+
+    hardware = settings["hardware"]
+    vram_text = options.vram_limit or options.vram or hardware["vram"]
+    vram = parse_size(str(vram_text)) if vram_text is not None else None
+    device = options.device or hardware["device"]
+    capability = options.compute_capability or hardware["compute_capability"]
+    return probe(
+        vram=vram, device=device, compute_capability=str(capability) if capability else None
+    )
+
+
+def request_for(options: TuneOptions, settings: dict[str, Any], default_size: int) -> Request:
+    req = settings["request"]
+    width = options.width or req["width"] or default_size
+    height = options.height or req["height"] or default_size
+    if width % 8 or height % 8:
+        raise AutoquantError(f"size {width}x{height}: width and height must be multiples of 8")
+    return Request(
+        width=width,
+        height=height,
+        batch=options.batch or req["batch"],
+        steps=options.steps or req["steps"],
+    )
+
+
+def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile]:
+    from autoquant import models
+
+    settings = settings_for(options)
+    profile = probe_for(options, settings)
+    if options.vram_limit:
+        if profile.accelerator not in ("cuda", "rocm") or "accelerator" in profile.emulated:
+            raise AutoquantError("--vram-limit caps a real CUDA GPU; this machine has none")
+    inventory = models.inventory(models.resolve(options.model))
+    request = request_for(options, settings, inventory.default_size)
+    return plan(profile, inventory, settings, request), profile
+
+
+def tune(options: TuneOptions, log: Log | None = None) -> Result:
+    from autoquant import memory, models
+
+    the_plan, profile = make_plan(options)
+    if options.vram_limit:
+        memory.cap_process_memory(the_plan.device, parse_size(options.vram_limit))
+    source = models.resolve(options.model)
+    folder = models.materialize(source, progress=options.progress)
+    side_w = options.smoke_size or the_plan.request.width
+    side_h = options.smoke_size or the_plan.request.height
+    return execute(
+        the_plan,
+        profile,
+        folder=folder,
+        inventory=models.inventory(source),
+        smoke=SmokeSettings(steps=options.smoke_steps, width=side_w, height=side_h),
+        progress=options.progress,
+        log=log,
+    )
