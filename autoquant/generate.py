@@ -32,8 +32,8 @@ def _apply(pipe: DiffusionPipeline, options: tuple[str, ...], device: str) -> No
 
 def _next_remedy(result: Result, applied: set[str]) -> tuple[str, ...] | None:
     present = set(result.chosen.tier.memory_options) | applied
-    if result.chosen.tier.offloaded or result.chosen.device_map:
-        present.add("model_cpu_offload")  # already offloaded/spread: nothing more to move
+    if result.chosen.tier.offloaded or result.chosen.device_map or result.plan.device == "cpu":
+        present.add("model_cpu_offload")  # offloaded, spread, or on the CPU: nowhere to move to
     for remedy in _REMEDIES:
         if not set(remedy) <= present:
             return remedy

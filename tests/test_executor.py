@@ -1,0 +1,132 @@
+"""The executor on real tiny pipelines: every CPU backend end to end, and OOM fallback."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+import torch
+
+import autoquant
+from autoquant import executor
+from autoquant.generate import generate
+from autoquant.tuning import TuneOptions, tune
+
+CPU_TIERS = [
+    ("builtin:tiny-sd", "quanto", "int8"),
+    ("builtin:tiny-sd", "quanto", "int4"),
+    ("builtin:tiny-sd", "torchao", "int8"),
+    ("builtin:tiny-sd", "gguf", "q8_0"),
+    ("builtin:tiny-sd", "gguf", "q4_0"),
+    ("builtin:tiny-sd", "none", "fp32"),
+    ("builtin:tiny-sd", "quanto", "mixed"),
+    ("builtin:tiny-flux", "quanto", "int8"),
+    ("builtin:tiny-flux", "gguf", "q8_0"),
+]
+
+
+def _quantized(module: torch.nn.Module) -> bool:
+    """A Linear layer replaced by a backend's own module, or holding a quantized weight tensor."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    weight = module.weight
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype.is_floating_point
+    return type(module) is not torch.nn.Linear or not plain
+
+
+def _options(model: str = "builtin:tiny-sd", **kw: Any) -> TuneOptions:
+    return TuneOptions(model=model, device="cpu", progress=False, **kw)
+
+
+@pytest.mark.parametrize(("model", "backend", "precision"), CPU_TIERS)
+def test_forced_tier_runs_end_to_end(model: str, backend: str, precision: str) -> None:
+    result = tune(_options(model, backend=backend, precision=precision))
+    assert (result.chosen.tier.backend, result.chosen.tier.precision) == (backend, precision)
+    assert result.attempts[-1].outcome == "chosen"
+    assert result.attempts[-1].step_seconds and result.attempts[-1].load_seconds
+    denoiser = getattr(result.pipeline, result.inventory.denoiser.name)
+    assert any(_quantized(m) for m in denoiser.modules()) == (backend != "none")
+    side = result.inventory.default_size
+    output = generate(
+        result, lambda _m: None, prompt="a cat", num_inference_steps=2, width=side,
+        height=side, output_type="np", generator=torch.Generator().manual_seed(0),
+    )
+    assert output.images.shape[-1] == 3 and torch.isfinite(torch.from_numpy(output.images)).all()
+
+
+def test_bitsandbytes_on_cpu_is_skipped_with_its_reason() -> None:
+    result = tune(_options(backend="bitsandbytes", precision="nf4"))
+    first = result.attempts[0]
+    assert (first.backend, first.outcome, first.phase) == ("bitsandbytes", "unavailable", "check")
+    assert "CUDA" in (first.error or "")
+    assert result.attempts[-1].outcome == "chosen" and result.chosen.tier.backend != "bitsandbytes"
+    assert result.report()["tried"][0]["error"] == first.error
+
+
+@pytest.mark.parametrize("phase", ["load", "smoke"])
+def test_oom_falls_back_one_tier_and_frees_the_failed_pipeline(
+    monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    failed: list[weakref.ref[Any]] = []
+    real_build = executor.build_tier
+    real_smoke = executor.smoke_test
+
+    def build(planned: Any, **kw: Any) -> Any:
+        pipe = real_build(planned, **kw)
+        if not failed:
+            failed.append(weakref.ref(pipe))
+            if phase == "load":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return pipe
+
+    def smoke(pipe: Any, *args: Any) -> Any:
+        if phase == "smoke" and failed and failed[0]() is pipe:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_smoke(pipe, *args)
+
+    monkeypatch.setattr(executor, "build_tier", build)
+    monkeypatch.setattr(executor, "smoke_test", smoke)
+    result = tune(_options())
+    first, last = result.attempts[0], result.attempts[-1]
+    assert (first.outcome, first.phase) == ("oom", phase)
+    assert "out of memory" in (first.error or "")
+    assert last.outcome == "chosen" and result.chosen_index == 1
+    assert result.chosen.estimate.required_bytes < result.plan.ladder[0].estimate.required_bytes
+    gc.collect()
+    assert failed[0]() is None, "the failed tier's pipeline is still alive"
+
+
+def test_oom_during_generation_turns_on_memory_options_then_moves_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = tune(_options())
+    calls = {"n": 0}
+    pipe_class = type(result.pipeline)
+    real_call = pipe_class.__call__
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:  # vae options, attention slicing, then one tier down
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipe_class, "__call__", flaky)
+    first_label = result.chosen.label
+    output = generate(result, lambda _m: None, prompt="x", num_inference_steps=1, width=64,
+                      height=64, output_type="np")
+    assert output.images.shape[0] == 1
+    assert "turned on vae_slicing, vae_tiling" in result.adjustments[0]
+    assert "turned on attention_slicing" in result.adjustments[1]
+    assert f"with {first_label}: moved down" in result.adjustments[2]
+    assert result.chosen_index == 1
+
+
+def test_load_returns_a_pipeline_with_its_report() -> None:
+    pipe = autoquant.load("builtin:tiny-sd", device="cpu", progress=False)
+    report = pipe.autoquant_report
+    assert report["chosen"]["backend"] == "gguf"
+    assert {"chosen", "tried", "probe", "plan", "measured"} <= set(report)
+    image = pipe("a cat", num_inference_steps=2, width=64, height=64).images[0]
+    assert image.size == (64, 64)

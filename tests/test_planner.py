@@ -1,0 +1,178 @@
+"""The planner's decisions, through `autoquant plan --json` and on made-up machines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoquant.cli import main
+from autoquant.errors import ConfigError
+from autoquant.planner import load_settings, plan
+from autoquant.probe import probe
+from autoquant.probe.types import BackendStatus, CpuInfo, GpuInfo, HardwareProfile
+
+
+def plan_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["plan", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("args", "backend", "precision"),
+    [
+        (["--device", "cuda", "--vram", "80GB"], "none", "bf16"),
+        (["--device", "cuda", "--vram", "80GB", "--set", "planner.skip_if_fits=false"], "quanto", "int8"),
+        (["--device", "cuda", "--vram", "8GB"], "bitsandbytes", "nf4"),
+        (["--device", "cuda", "--vram", "4GB"], "gguf", None),
+        (["--device", "cpu"], "gguf", None),
+    ],
+)
+def test_sdxl_decisions(
+    capsys: pytest.CaptureFixture[str], args: list[str], backend: str, precision: str | None
+) -> None:
+    data = plan_json(capsys, "--model", "builtin:sdxl", *args)
+    assert data["chosen"]["backend"] == backend
+    if precision:
+        assert data["chosen"]["precision"] == precision
+    assert data["request"] == {"width": 1024, "height": 1024, "batch": 1, "steps": 30}
+    assert data["path"], "the decision path explains itself"
+    required = [tier["estimate_bytes"] for tier in data["ladder"]]
+    assert required == sorted(required, reverse=True) and len(set(required)) == len(required)
+    assert data["ladder"][0]["backend"] == backend
+
+
+def test_flux_at_16gb_explains_why_int8_alone_does_not_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = plan_json(capsys, "--model", "builtin:flux-dev", "--device", "cuda", "--vram", "16GB")
+    path = "\n".join(data["path"])
+    assert data["chosen"]["backend"] == "quanto"
+    assert "quanto int8 as is" in path and "does not fit" in path
+    assert "text_encoder_2" in path and "transformer 11.2" in path
+    chosen = data["chosen"]
+    # What the plan does about it: quantize T5 and/or offload until it fits.
+    assert "text_encoder_2" in chosen["components"] or chosen["memory_options"]
+    assert chosen["estimate_bytes"] <= data["budget_bytes"]
+    assert len(data["ladder"]) >= 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "backend", "precision"),
+    [
+        ("priorities.deployment=development", "bitsandbytes", "fp4"),
+        ("priorities.target=edge", "gguf", "q4_0"),
+    ],
+)
+def test_priorities_pick_the_precision(
+    capsys: pytest.CaptureFixture[str], setting: str, backend: str, precision: str
+) -> None:
+    vram = "8GB" if backend == "bitsandbytes" else "4GB"
+    data = plan_json(
+        capsys, "--model", "builtin:sd15", "--device", "cuda", "--vram", vram,
+        "--set", "planner.skip_if_fits=false", "--set", setting,
+    )
+    assert (data["chosen"]["backend"], data["chosen"]["precision"]) == (backend, precision)
+
+
+def test_quality_first_preset_picks_quanto_mixed(capsys: pytest.CaptureFixture[str]) -> None:
+    data = plan_json(
+        capsys, "--model", "builtin:sdxl", "--profile", "h100-80gb",
+        "--set", "planner.skip_if_fits=false",
+    )
+    assert (data["chosen"]["backend"], data["chosen"]["precision"]) == ("quanto", "mixed")
+    assert "tree 'large card': vram_gb 80 >= 12 → quanto" in data["path"]
+
+
+def test_cli_flags_win_over_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    data = plan_json(capsys, "--model", "builtin:sdxl", "--profile", "rtx4060-8gb", "--vram", "80GB")
+    assert data["chosen"]["backend"] == "none"
+
+
+def test_user_file_overrides_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    user = tmp_path / "mine.yaml"
+    user.write_text("force:\n  backend: gguf\n  precision: q8_0\n")
+    data = plan_json(
+        capsys, "--model", "builtin:sdxl", "--profile", "rtx4060-8gb", "--profile", str(user)
+    )
+    assert (data["chosen"]["backend"], data["chosen"]["precision"]) == ("gguf", "q8_0")
+    assert data["path"][1].startswith("forced")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("planner:\n  headroom: [0.8\n", "malformed YAML"),
+        ("planner:\n  skip_if_fit: false\n", "did you mean 'planner.skip_if_fits'"),
+        ("priorities:\n  quality: best\n", "choose one of balanced, quality_first"),
+        ("planner:\n  headroom: lots\n", "must be int or float"),
+        ("ladder:\n  - gguf q3_k\n", "unknown precision 'q3_k'"),
+        ("force:\n  backend: nosuch\n", "unknown backend 'nosuch'"),
+        ("thresholds:\n  bitsandbytes_min_vram_gb: 16\n", "thresholds out of order"),
+    ],
+)
+def test_bad_profiles_give_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expected: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    assert main(["plan", "--model", "builtin:tiny-sd", "--profile", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err
+    assert str(bad) in err
+
+
+def test_unknown_set_key_gives_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--set", "planner.no_such=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'planner.no_such'" in err
+
+
+def test_error_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# comment\nplanner:\n  headroom: 0.8\n  skip_if_fitz: true\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: unknown key 'planner.skip_if_fitz'"):
+        load_settings([str(bad)])
+
+
+def _gpu_profile(*gpus: GpuInfo, ram: int = 64 * 1024**3) -> HardwareProfile:
+    backends = {
+        name: BackendStatus(True, "1.0", True)
+        for name in ("bitsandbytes", "optimum-quanto", "torchao", "gguf", "diffusers")
+    }
+    return HardwareProfile(
+        accelerator="cuda", gpus=gpus, driver="580", ram_total_bytes=ram,
+        ram_available_bytes=ram, cpu=CpuInfo("test", 8), disk_free_bytes=10**12, backends=backends,
+    )
+
+
+def test_two_small_gpus_spread_the_pipeline() -> None:
+    gpus = (GpuInfo("A", 16 * 10**9, 16 * 10**9, "8.9", 0), GpuInfo("B", 16 * 10**9, 16 * 10**9, "8.9", 1))
+    settings = load_settings([], ["planner.skip_if_fits=false"])
+    result = plan(_gpu_profile(*gpus), "builtin:flux-dev", settings)
+    assert result.chosen.device_map == "balanced"
+    assert "spread over 2 GPUs" in "\n".join(result.path)
+
+
+def test_unusable_backend_is_passed_over_with_its_reason() -> None:
+    profile = _gpu_profile(GpuInfo("small", 8 * 10**9, 8 * 10**9, "8.6"))
+    backends = dict(profile.backends)
+    backends["bitsandbytes"] = BackendStatus(False, None, False, "not installed: pip install x")
+    profile = HardwareProfile(**{**profile.__dict__, "backends": backends})
+    result = plan(profile, "builtin:sdxl", load_settings([], ["planner.skip_if_fits=false"]))
+    assert result.chosen.tier.backend == "gguf"
+    assert any("cannot run here: not installed" in line for line in result.path)
+
+
+def test_impossible_budget_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "builtin:flux-dev", "--device", "cuda", "--vram", "1GB"]) == 2
+    err = capsys.readouterr().err
+    assert "no tier of builtin:flux-dev fits" in err and err.count("\n") == 1
+
+
+def test_cpu_compute_dtype_follows_bf16_units() -> None:
+    host = probe(device="cpu")
+    settings = load_settings()
+    result = plan(host, "builtin:tiny-sd", settings)
+    assert result.chosen.tier.compute_dtype == ("bf16" if host.cpu.bf16 else "fp32")
