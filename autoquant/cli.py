@@ -206,6 +206,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from autoquant.generate import generate
     from autoquant.outputs import write_run
@@ -215,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.json:
             print(message, file=sys.stderr, flush=True)
 
+    diffusers_logging.disable_progress_bar()  # per-component bars; the executor logs per tier
     options = _tune_options(
         args,
         vram_limit=args.vram_limit,
@@ -301,8 +303,25 @@ _COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _quiet_libraries() -> None:
+    """The command prints its own progress; keep the libraries' chatter (deprecation notices we
+    restate once, per-component progress bars, optional-kernel probes) off the terminal."""
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -91,7 +91,7 @@ class QuantBackend(ABC):
         pipe = DiffusionPipeline.from_pretrained(
             str(request.folder), dtype=dtype, use_safetensors=True, **kwargs
         )
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=True)  # the executor reports per tier instead
         return pipe
 
     def post_process(self, pipe: DiffusionPipeline, request: BuildRequest) -> None:
