@@ -1,0 +1,216 @@
+"""Parameter counts of a pipeline's components, without loading (or even allocating) weights.
+
+Each counted component is instantiated from its config on PyTorch's meta device, so a 12 B-param
+transformer costs no RAM and well under a second. Results are cached as JSON under
+``cache_dir()/inventory/``, keyed by a hash of the configs (and the library versions that turn a
+config into modules), so repeated calls take milliseconds and import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autoquant.errors import ModelNotFoundError
+from autoquant.fsutil import write_text_atomic
+from autoquant.models.builtin import load_builtin
+from autoquant.models.source import download_from_hub
+from autoquant.models.types import ComponentInventory, Family, ModelInventory, ModelSource, Role
+from autoquant.paths import cache_dir
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Bump when what is counted, or how, changes: old cache entries then stop matching.
+CACHE_FORMAT = 1
+GGUF_BLOCK = 32  # GGUF quantizes a weight only if its last dim (in_features) is a multiple of this
+
+FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
+# What a pipeline runs at when its denoiser config has no sample_size (FluxPipeline's default).
+DEFAULT_SIZE_WITHOUT_SAMPLE_SIZE = 1024
+# diffusers' fallback when a pipeline has no VAE.
+DEFAULT_VAE_SCALE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """A pipeline's ``model_index.json`` and the configs of the components worth counting."""
+
+    model_index: dict[str, Any]
+    configs: dict[str, dict[str, Any]]  # component name -> model config, for counted components
+    default_size: int | None = None  # a built-in's override of the architecture's default
+
+    def cache_key(self) -> str:
+        versions = {lib: metadata.version(lib) for lib in ("diffusers", "transformers")}
+        canonical = json.dumps(
+            [CACHE_FORMAT, versions, self.model_index, self.configs, self.default_size],
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(canonical).hexdigest()
+
+
+def component_role(name: str) -> Role | None:
+    """The role of a pipeline attribute, or None for parts that are not counted (tokenizers,
+    schedulers, safety checkers, image encoders and processors)."""
+    if name in ("unet", "transformer"):
+        return "denoiser"
+    if name == "vae":
+        return "vae"
+    if name.startswith("text_encoder"):
+        return "text_encoder"
+    return None
+
+
+def counted_components(model_index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Counted component name -> (library, class name), skipping entries set to None."""
+    counted = {}
+    for name, entry in model_index.items():
+        if component_role(name) is None or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library, class_name = entry
+        counted[name] = (str(library), str(class_name))
+    return counted
+
+
+def import_component_class(library: str, class_name: str) -> type:
+    """A class named in model_index.json, looked up only in diffusers and transformers (never
+    code shipped with a model)."""
+    if library == "diffusers":
+        import diffusers as module
+    elif library == "transformers":
+        import transformers as module  # type: ignore[no-redef]
+    else:
+        raise ModelNotFoundError(
+            f"component class {library}.{class_name} is not from diffusers or transformers; "
+            "autoquant does not run code that ships with a model"
+        )
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ModelNotFoundError(
+            f"{library} {module.__version__} has no class {class_name}: upgrade {library}"
+        )
+    return cls
+
+
+def build_on_meta(library: str, class_name: str, config: dict[str, Any]) -> nn.Module:
+    """The component's modules with every tensor on the meta device (shapes only)."""
+    import torch
+
+    cls = import_component_class(library, class_name)
+    config = copy.deepcopy(config)  # from_config/from_dict may pop keys from what they are given
+    with torch.device("meta"):
+        if library == "diffusers":
+            model = cls.from_config(config)  # type: ignore[attr-defined]
+        else:
+            model = cls(cls.config_class.from_dict(config))  # type: ignore[attr-defined]
+    assert isinstance(model, torch.nn.Module), f"{class_name} is not a model"
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int, int]:
+    """(all parameters, nn.Linear weights, nn.Linear weights GGUF can quantize)."""
+    from torch import nn
+
+    params = sum(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linear = sum(m.weight.numel() for m in linears)
+    gguf = sum(m.weight.numel() for m in linears if m.in_features % GGUF_BLOCK == 0)
+    return params, linear, gguf
+
+
+def inventory(source: ModelSource) -> ModelInventory:
+    """Parameter counts per component of ``source``, from configs alone; cached on disk."""
+    layout = _layout(source)
+    path = cache_dir() / "inventory" / f"{layout.cache_key()}.json"
+    data = _read_cached(path)
+    if data is None:
+        data = _count(layout)
+        write_text_atomic(path, json.dumps(data, indent=1))
+    return _inventory_from_dict(source, data)
+
+
+def _layout(source: ModelSource) -> PipelineLayout:
+    if source.kind == "builtin":
+        spec = load_builtin(source.name)
+        configs = {name: spec.components[name] for name in counted_components(spec.model_index)}
+        return PipelineLayout(spec.model_index, configs, spec.default_size)
+    folder = (
+        source.local_path
+        if source.kind == "local"
+        else download_from_hub(source.name, configs_only=True)
+    )
+    assert folder is not None
+    return folder_layout(folder)
+
+
+def folder_layout(folder: Path) -> PipelineLayout:
+    model_index = json.loads((folder / "model_index.json").read_text())
+    configs = {}
+    for name in counted_components(model_index):
+        config_path = folder / name / "config.json"
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"{folder}: component {name!r} has no config.json")
+        configs[name] = json.loads(config_path.read_text())
+    return PipelineLayout(model_index, configs)
+
+
+def _count(layout: PipelineLayout) -> dict[str, Any]:
+    components = []
+    for name, (library, class_name) in counted_components(layout.model_index).items():
+        params, linear, gguf = count_parameters(
+            build_on_meta(library, class_name, layout.configs[name])
+        )
+        role = component_role(name)
+        assert role is not None
+        components.append(
+            ComponentInventory(name, role, library, class_name, params, linear, gguf).to_dict()
+        )
+    if not any(c["role"] == "denoiser" for c in components):
+        raise ModelNotFoundError("the pipeline has no unet or transformer component")
+    vae = layout.configs.get("vae")
+    vae_scale_factor = (
+        2 ** (len(vae["block_out_channels"]) - 1) if vae else DEFAULT_VAE_SCALE_FACTOR
+    )
+    denoiser = next(layout.configs[c["name"]] for c in components if c["role"] == "denoiser")
+    sample_size = denoiser.get("sample_size")
+    if isinstance(sample_size, list):  # some configs give (height, width)
+        sample_size = sample_size[0]
+    native = sample_size * vae_scale_factor if sample_size else DEFAULT_SIZE_WITHOUT_SAMPLE_SIZE
+    pipeline_class = str(layout.model_index["_class_name"])
+    return {
+        "family": FAMILIES.get(pipeline_class, "other"),
+        "pipeline_class": pipeline_class,
+        "default_size": layout.default_size or native,
+        "vae_scale_factor": vae_scale_factor,
+        "components": components,
+    }
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """The cached counts, or None if absent or unreadable (a corrupt file is then rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+        _inventory_from_dict(ModelSource("", "builtin", ""), data)  # validates the shape
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data
+
+
+def _inventory_from_dict(source: ModelSource, data: dict[str, Any]) -> ModelInventory:
+    return ModelInventory(
+        source=source,
+        family=data["family"],
+        pipeline_class=data["pipeline_class"],
+        components=tuple(ComponentInventory(**c) for c in data["components"]),
+        default_size=int(data["default_size"]),
+        vae_scale_factor=int(data["vae_scale_factor"]),
+    )

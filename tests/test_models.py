@@ -1,0 +1,338 @@
+"""Models: resolving specs, parameter counts on the meta device, and built-in folders that load
+and run like any diffusers folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from autoquant.errors import ModelNotFoundError
+from autoquant.models import builtin_names, inventory, list_builtins, materialize, resolve
+from autoquant.models.builtin import load_builtin
+from autoquant.models.inventory import build_on_meta, counted_components
+from autoquant.models.source import hub_unreachable_reason
+from autoquant.models.tokenizers import CLIP_EOS_ID
+from autoquant.models.types import ModelInventory
+
+torch.set_num_threads(1)
+
+TINY = ["tiny-sd", "tiny-flux"]
+CLIP_L = 123_060_480
+CLIP_BIG_G = 694_659_840
+SD_VAE = 83_653_863
+FLUX_VAE = 83_819_683
+T5_XXL = 4_762_310_656
+# name -> component -> (params, nn.Linear weights); every Linear of these has in_features % 32 == 0
+FULL_SIZE_COUNTS = {
+    "sd15": {
+        "unet": (859_520_964, 270_049_280),
+        "text_encoder": (CLIP_L, 84_934_656),
+        "vae": (SD_VAE, 2_097_152),
+    },
+    "sdxl": {
+        "unet": (2_567_463_684, 2_232_647_680),
+        "text_encoder": (CLIP_L, 84_934_656),
+        "text_encoder_2": (CLIP_BIG_G, 630_784_000),
+        "vae": (SD_VAE, 2_097_152),
+    },
+    "flux-dev": {
+        "transformer": (11_901_408_320, 11_898_322_944),
+        "text_encoder": (CLIP_L, 84_934_656),
+        "text_encoder_2": (T5_XXL, 4_630_511_616),
+        "vae": (FLUX_VAE, 2_097_152),
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AUTOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Each tiny built-in materialized once for the module, in its own cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("shared-cache")))
+        yield {name: materialize(resolve(f"builtin:{name}"), progress=False) for name in TINY}
+
+
+def _generate(folder: Path, prompt: str = "a photo of a cat") -> np.ndarray:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(
+        prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    return np.asarray(result.images)
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.glob("*/*.safetensors")):
+        for key, tensor in load_file(path).items():
+            tensors[f"{path.parent.name}/{key}"] = tensor
+    return tensors
+
+
+def _counts(inv: ModelInventory) -> dict[str, Any]:
+    return {k: v for k, v in inv.to_dict().items() if k != "model"}
+
+
+# --- resolve -------------------------------------------------------------------------------------
+
+
+def test_resolve_builtin() -> None:
+    source = resolve("builtin:tiny-sd")
+    assert (source.kind, source.name, source.spec) == ("builtin", "tiny-sd", "builtin:tiny-sd")
+    assert builtin_names() == ["flux-dev", "sd15", "sdxl", "tiny-flux", "tiny-sd"]
+
+
+def test_resolve_unknown_builtin_lists_the_builtins() -> None:
+    with pytest.raises(ModelNotFoundError) as error:
+        resolve("builtin:tiny-sdxl")
+    message = str(error.value)
+    assert "\n" not in message
+    assert all(name in message for name in builtin_names())
+
+
+def test_resolve_missing_folder(tmp_path: Path) -> None:
+    for spec in (str(tmp_path / "nope"), "./nope", "~/nope", "a/b/c", "model.safetensors"):
+        with pytest.raises(ModelNotFoundError, match="no such folder"):
+            resolve(spec)
+
+
+def test_resolve_folder_without_model_index(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        resolve(str(tmp_path / "weights.safetensors"))
+
+
+def test_resolve_hub_id_and_bare_words() -> None:
+    source = resolve("black-forest-labs/FLUX.1-dev")
+    assert (source.kind, source.name) == ("hub", "black-forest-labs/FLUX.1-dev")
+    with pytest.raises(ModelNotFoundError, match=r"did you mean builtin:sdxl\?"):
+        resolve("sdxl")
+    with pytest.raises(ModelNotFoundError):
+        resolve("")
+
+
+def test_resolve_local_folder(tiny_folders: dict[str, Path]) -> None:
+    source = resolve(str(tiny_folders["tiny-sd"]))
+    assert source.kind == "local"
+    assert source.local_path == tiny_folders["tiny-sd"]
+    assert materialize(source) == tiny_folders["tiny-sd"]
+
+
+def test_import_is_cheap() -> None:
+    code = "import sys, autoquant.models; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- built-in folders ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_builtin_loads_runs_and_reloads_identically(
+    name: str, tiny_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    folder = tiny_folders[name]
+    assert folder.name.startswith(f"{name}-")
+    started = time.perf_counter()
+    image = _generate(folder)
+    assert time.perf_counter() - started < 5  # load + 2 steps; the steps alone take ~0.05 s
+    assert image.shape == (1, 64, 64, 3)
+    assert np.isfinite(image).all()
+    assert image.std() > 0.05  # not a flat image
+    assert np.array_equal(image, _generate(folder))
+
+    resaved = tmp_path / "resaved"
+    DiffusionPipeline.from_pretrained(folder).save_pretrained(resaved)
+    assert np.array_equal(image, _generate(resaved))
+    # The prompt reaches the denoiser through the offline tokenizers.
+    assert not np.array_equal(image, _generate(folder, "a red dog on the grass"))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_builtin_weights_are_deterministic(
+    name: str, tiny_folders: dict[str, Path], cache: Path
+) -> None:
+    again = materialize(resolve(f"builtin:{name}"), progress=False)
+    assert again.parent.parent == cache  # a different cache dir than the shared one
+    assert again.name == tiny_folders[name].name
+    first, second = _load_weights(tiny_folders[name]), _load_weights(again)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert all(t.dtype == torch.float32 for t in first.values())
+
+
+def test_materialize_builds_once_and_reports_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    source = resolve("builtin:tiny-sd")
+    folder = materialize(source)
+    assert "building tiny-sd: unet (3.2 M params)… " in capsys.readouterr().err
+    started = time.perf_counter()
+    assert materialize(source) == folder
+    assert time.perf_counter() - started < 0.1
+    assert capsys.readouterr().err == ""
+
+
+def test_failed_build_leaves_no_folder(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    # The package's `materialize` attribute is the function; the module is reached by import.
+    module = importlib.import_module("autoquant.models.materialize")
+    monkeypatch.setattr(module, "build_tokenizer", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        materialize(resolve("builtin:tiny-sd"), progress=False)
+    assert list((cache / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tokenizers_fit_their_text_encoders(name: str, tiny_folders: dict[str, Path]) -> None:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_folders[name])
+    ids = pipe.tokenizer("A photo of a cat!").input_ids
+    assert ids[-1] == CLIP_EOS_ID == pipe.text_encoder.config.eos_token_id
+    assert max(ids) < pipe.text_encoder.config.vocab_size
+    assert len(set(ids)) > 5  # one token per character, not everything unknown
+    if name == "tiny-flux":
+        assert type(pipe.tokenizer_2).__name__ == "T5Tokenizer"  # T5TokenizerFast in transformers 5
+        t5_ids = pipe.tokenizer_2("A photo of a cat!").input_ids
+        assert t5_ids[-1] == pipe.tokenizer_2.eos_token_id
+        assert pipe.tokenizer_2.unk_token_id not in t5_ids
+        assert max(t5_ids) < pipe.text_encoder_2.config.vocab_size
+        assert pipe.tokenizer_2.model_max_length == 512
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_linears_suit_gguf_and_bitsandbytes_on_cpu(name: str) -> None:
+    # GGUF needs in_features % 32 == 0; bitsandbytes on CPU needs % 64.
+    spec = load_builtin(name)
+    for component, (library, class_name) in counted_components(spec.model_index).items():
+        model = build_on_meta(library, class_name, spec.components[component])
+        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        assert widths and all(w % 64 == 0 for w in widths), (component, sorted(widths))
+
+
+# --- inventory -----------------------------------------------------------------------------------
+
+
+def test_full_size_counts_on_meta_without_ram() -> None:
+    import diffusers
+    import transformers
+
+    # Import the model classes first: their modules are part of the process, not of the count.
+    for library, names in (
+        (diffusers, ("UNet2DConditionModel", "FluxTransformer2DModel", "AutoencoderKL")),
+        (transformers, ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")),
+    ):
+        for class_name in names:
+            getattr(library, class_name)
+    rss_before = psutil.Process().memory_info().rss
+    inventories = {name: inventory(resolve(f"builtin:{name}")) for name in FULL_SIZE_COUNTS}
+    assert psutil.Process().memory_info().rss - rss_before < 500 * 2**20
+
+    for name, expected in FULL_SIZE_COUNTS.items():
+        inv = inventories[name]
+        got = {c.name: (c.params, c.linear_params) for c in inv.components}
+        assert got == expected, name
+        assert all(c.gguf_params == c.linear_params for c in inv.components)
+    sdxl_unet = inventories["sdxl"].denoiser
+    assert sdxl_unet.other_params == pytest.approx(0.333e9, rel=0.01)  # convs, norms, biases
+    flux = inventories["flux-dev"]
+    assert flux.denoiser.linear_params / flux.denoiser.params > 0.999
+    assert [(i.family, i.default_size, i.vae_scale_factor) for i in inventories.values()] == [
+        ("sd", 512, 8),
+        ("sdxl", 1024, 8),
+        ("flux", 1024, 8),
+    ]
+
+
+def test_inventory_is_cached_and_survives_a_corrupt_cache(cache: Path) -> None:
+    source = resolve("builtin:flux-dev")
+    first = inventory(source)
+    started = time.perf_counter()
+    assert inventory(source) == first
+    assert time.perf_counter() - started < 0.05
+    (cached,) = (cache / "inventory").glob("*.json")
+    cached.write_text('{"family": ')
+    assert inventory(source) == first
+    assert json.loads(cached.read_text())["pipeline_class"] == "FluxPipeline"
+
+
+def test_folder_inventory_equals_builtin_inventory(tiny_folders: dict[str, Path]) -> None:
+    builtin = inventory(resolve("builtin:tiny-sd"))
+    folder = inventory(resolve(str(tiny_folders["tiny-sd"])))
+    assert _counts(folder) == _counts(builtin)
+    assert (builtin.family, builtin.default_size) == ("sd", 64)
+    assert [c.name for c in builtin.components] == ["text_encoder", "unet", "vae"]
+
+
+def test_list_builtins() -> None:
+    listing = {entry["name"]: entry for entry in list_builtins()}
+    assert list(listing) == builtin_names()
+    assert listing["tiny-flux"]["pipeline_class"] == "FluxPipeline"
+    assert listing["tiny-flux"]["default_size"] == 64
+    assert listing["sdxl"]["family"] == "sdxl"
+    unet = next(c for c in listing["sdxl"]["components"] if c["name"] == "unet")
+    assert unet["params"] == 2_567_463_684
+
+
+# --- hub -----------------------------------------------------------------------------------------
+
+
+def test_hub_offline_fails_fast() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="cannot reach the Hugging Face hub") as error:
+        materialize(resolve("org/name"))
+    assert "'org/name'" in str(error.value) and "builtin:" in str(error.value)
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        inventory(resolve("org/name"))
+    assert time.perf_counter() - started < 1
+
+
+def test_hub_unreachable_by_socket_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match=r"cannot reach .*127\.0\.0\.1:9"):
+        materialize(resolve("org/name"))
+    assert time.perf_counter() - started < 5
+
+    def never_answers(*args: object, **kwargs: object) -> None:
+        time.sleep(2)
+
+    # A host that never answers (DNS lookup included) is given up on at the timeout.
+    monkeypatch.setattr(socket, "create_connection", never_answers)
+    started = time.perf_counter()
+    assert hub_unreachable_reason(timeout_s=0.3) == "127.0.0.1:9 did not answer within 0.3 s"
+    assert time.perf_counter() - started < 1
