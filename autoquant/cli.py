@@ -50,18 +50,27 @@ def _add_machine(p: argparse.ArgumentParser) -> None:
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--profile", action="append", default=[], metavar="FILE|PRESET",
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE|PRESET",
         help="YAML profile or shipped preset name; repeatable, later ones win",
     )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
         help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
     )
 
 
 def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
-        "--model", "-m", default=default,
+        "--model",
+        "-m",
+        default=default,
         help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
     )
 
@@ -286,7 +295,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
         return 0
-    state = "cache hit" if result.cache_hit else ("rebuilt (cache was corrupt)" if result.rebuilt else "written")
+    state = (
+        "cache hit"
+        if result.cache_hit
+        else ("rebuilt (cache was corrupt)" if result.rebuilt else "written")
+    )
     print(
         f"{state}: {result.path} ({format_bytes(result.file_bytes)}; "
         f"{result.quantized_tensors} tensors quantized, {result.kept_tensors} kept)"

@@ -113,7 +113,7 @@ class Result:
         }
 
 
-def apply_memory_options(pipe: DiffusionPipeline, planned: PlannedTier, device: str) -> None:
+def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
     """Turn on the tier's memory options and put the pipeline on its device."""
     import torch
 
@@ -139,7 +139,7 @@ def apply_memory_options(pipe: DiffusionPipeline, planned: PlannedTier, device: 
 
 
 def pipeline_call_kwargs(
-    inventory: ModelInventory, pipe: DiffusionPipeline, **kwargs: Any
+    inventory: ModelInventory, pipe: Any, **kwargs: Any
 ) -> dict[str, Any]:
     """Arguments every pipeline family accepts, adjusted per family."""
     call = dict(kwargs)
@@ -153,7 +153,7 @@ def pipeline_call_kwargs(
 
 
 def smoke_test(
-    pipe: DiffusionPipeline, inventory: ModelInventory, smoke: SmokeSettings
+    pipe: Any, inventory: ModelInventory, smoke: SmokeSettings
 ) -> tuple[float, float]:
     """A short real generation. Returns (seconds per denoising step, whole call seconds);
     raises if the output is not finite."""
@@ -257,7 +257,7 @@ def _try_tier(
         phase = "smoke"
         attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
         attempt.peak_bytes = memory.peak(device)
-    except Exception as err:  # noqa: BLE001 - every failure of a tier is recorded, then skipped
+    except Exception as err:
         failure = ("oom" if memory.is_oom(err) else "error", _first_line(err))
     if failure is None:
         return pipe, attempt

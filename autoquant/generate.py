@@ -19,7 +19,7 @@ _REMEDIES: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _apply(pipe: DiffusionPipeline, options: tuple[str, ...], device: str) -> None:
+def _apply(pipe: Any, options: tuple[str, ...], device: str) -> None:
     if "vae_slicing" in options:
         pipe.vae.enable_slicing()
     if "vae_tiling" in options:
@@ -49,7 +49,7 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
         try:
             pipe = result.pipeline
             return _invoke(pipe, pipeline_call_kwargs(result.inventory, pipe, **call))
-        except Exception as err:  # noqa: BLE001 - only OOM is handled; others re-raised below
+        except Exception as err:
             if not memory.is_oom(err):
                 raise
             failure = str(err).splitlines()[0] if str(err) else "out of memory"
@@ -84,7 +84,7 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
         log(f"  {change}")
 
 
-def _invoke(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+def _invoke(pipe: Any, kwargs: dict[str, Any]) -> Any:
     cls = type(pipe)
     if getattr(cls, "_autoquant_guarded", False):
         return super(cls, pipe).__call__(**kwargs)  # the pipeline's own call, not the guard

@@ -30,5 +30,6 @@ def load(
 
     result = tune(tune_options, log=log)
     pipe = guard(result, log) if oom_guard else result.pipeline
-    pipe.autoquant_report = result.report()
+    # Pipelines are plain objects: the report rides along as an attribute users can read.
+    setattr(pipe, "autoquant_report", result.report())  # noqa: B010
     return pipe

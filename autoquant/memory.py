@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import sys
@@ -34,10 +35,8 @@ def free(device: str) -> None:
     if _on_cuda(device) and torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    try:
+    with contextlib.suppress(Exception):  # dynamo may be unavailable: nothing to reset then
         torch._dynamo.reset()  # compiled graphs hold references too
-    except Exception:  # noqa: BLE001 - dynamo may be unavailable; nothing to reset then
-        pass
 
 
 def allocated(device: str) -> int:

@@ -72,9 +72,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     for attempt in report["tried"]:
         error = (attempt.get("error") or "").replace("|", "/")
-        lines.append(
-            f"| {attempt['label']} | {attempt['outcome']} | {attempt.get('phase') or ''} | {error} |"
-        )
+        phase = attempt.get("phase") or ""
+        lines.append(f"| {attempt['label']} | {attempt['outcome']} | {phase} | {error} |")
     lines += ["", "## Why", ""]
     lines += [f"- {step}" for step in report["plan"]["path"]]
     for title, key in (("Warnings", "warnings"), ("Changed after tuning", "adjustments")):

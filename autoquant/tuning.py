@@ -43,7 +43,9 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
         overrides.append(f"force.backend={options.backend}")
     if options.precision:
         if not options.backend:
-            raise AutoquantError("--precision needs --backend (e.g. --backend gguf --precision q4_0)")
+            raise AutoquantError(
+                "--precision needs --backend (e.g. --backend gguf --precision q4_0)"
+            )
         overrides.append(f"force.precision={options.precision}")
     return load_settings(options.profiles, overrides)
 
@@ -81,9 +83,9 @@ def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile]:
 
     settings = settings_for(options)
     profile = probe_for(options, settings)
-    if options.vram_limit:
-        if profile.accelerator not in ("cuda", "rocm") or "accelerator" in profile.emulated:
-            raise AutoquantError("--vram-limit caps a real CUDA GPU; this machine has none")
+    real_cuda = profile.accelerator in ("cuda", "rocm") and "accelerator" not in profile.emulated
+    if options.vram_limit and not real_cuda:
+        raise AutoquantError("--vram-limit caps a real CUDA GPU; this machine has none")
     inventory = models.inventory(models.resolve(options.model))
     request = request_for(options, settings, inventory.default_size)
     return plan(profile, inventory, settings, request), profile

@@ -50,8 +50,14 @@ def test_forced_tier_runs_end_to_end(model: str, backend: str, precision: str) -
     assert any(_quantized(m) for m in denoiser.modules()) == (backend != "none")
     side = result.inventory.default_size
     output = generate(
-        result, lambda _m: None, prompt="a cat", num_inference_steps=2, width=side,
-        height=side, output_type="np", generator=torch.Generator().manual_seed(0),
+        result,
+        lambda _m: None,
+        prompt="a cat",
+        num_inference_steps=2,
+        width=side,
+        height=side,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
     )
     assert output.images.shape[-1] == 3 and torch.isfinite(torch.from_numpy(output.images)).all()
 
@@ -114,8 +120,15 @@ def test_oom_during_generation_turns_on_memory_options_then_moves_down(
 
     monkeypatch.setattr(pipe_class, "__call__", flaky)
     first_label = result.chosen.label
-    output = generate(result, lambda _m: None, prompt="x", num_inference_steps=1, width=64,
-                      height=64, output_type="np")
+    output = generate(
+        result,
+        lambda _m: None,
+        prompt="x",
+        num_inference_steps=1,
+        width=64,
+        height=64,
+        output_type="np",
+    )
     assert output.images.shape[0] == 1
     assert "turned on vae_slicing, vae_tiling" in result.adjustments[0]
     assert "turned on attention_slicing" in result.adjustments[1]

@@ -23,7 +23,11 @@ def plan_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     ("args", "backend", "precision"),
     [
         (["--device", "cuda", "--vram", "80GB"], "none", "bf16"),
-        (["--device", "cuda", "--vram", "80GB", "--set", "planner.skip_if_fits=false"], "quanto", "int8"),
+        (
+            ["--device", "cuda", "--vram", "80GB", "--set", "planner.skip_if_fits=false"],
+            "quanto",
+            "int8",
+        ),
         (["--device", "cuda", "--vram", "8GB"], "bitsandbytes", "nf4"),
         (["--device", "cuda", "--vram", "4GB"], "gguf", None),
         (["--device", "cpu"], "gguf", None),
@@ -70,23 +74,39 @@ def test_priorities_pick_the_precision(
 ) -> None:
     vram = "8GB" if backend == "bitsandbytes" else "4GB"
     data = plan_json(
-        capsys, "--model", "builtin:sd15", "--device", "cuda", "--vram", vram,
-        "--set", "planner.skip_if_fits=false", "--set", setting,
+        capsys,
+        "--model",
+        "builtin:sd15",
+        "--device",
+        "cuda",
+        "--vram",
+        vram,
+        "--set",
+        "planner.skip_if_fits=false",
+        "--set",
+        setting,
     )
     assert (data["chosen"]["backend"], data["chosen"]["precision"]) == (backend, precision)
 
 
 def test_quality_first_preset_picks_quanto_mixed(capsys: pytest.CaptureFixture[str]) -> None:
     data = plan_json(
-        capsys, "--model", "builtin:sdxl", "--profile", "h100-80gb",
-        "--set", "planner.skip_if_fits=false",
+        capsys,
+        "--model",
+        "builtin:sdxl",
+        "--profile",
+        "h100-80gb",
+        "--set",
+        "planner.skip_if_fits=false",
     )
     assert (data["chosen"]["backend"], data["chosen"]["precision"]) == ("quanto", "mixed")
     assert "tree 'large card': vram_gb 80 >= 12 → quanto" in data["path"]
 
 
 def test_cli_flags_win_over_presets(capsys: pytest.CaptureFixture[str]) -> None:
-    data = plan_json(capsys, "--model", "builtin:sdxl", "--profile", "rtx4060-8gb", "--vram", "80GB")
+    data = plan_json(
+        capsys, "--model", "builtin:sdxl", "--profile", "rtx4060-8gb", "--vram", "80GB"
+    )
     assert data["chosen"]["backend"] == "none"
 
 
@@ -142,13 +162,22 @@ def _gpu_profile(*gpus: GpuInfo, ram: int = 64 * 1024**3) -> HardwareProfile:
         for name in ("bitsandbytes", "optimum-quanto", "torchao", "gguf", "diffusers")
     }
     return HardwareProfile(
-        accelerator="cuda", gpus=gpus, driver="580", ram_total_bytes=ram,
-        ram_available_bytes=ram, cpu=CpuInfo("test", 8), disk_free_bytes=10**12, backends=backends,
+        accelerator="cuda",
+        gpus=gpus,
+        driver="580",
+        ram_total_bytes=ram,
+        ram_available_bytes=ram,
+        cpu=CpuInfo("test", 8),
+        disk_free_bytes=10**12,
+        backends=backends,
     )
 
 
 def test_two_small_gpus_spread_the_pipeline() -> None:
-    gpus = (GpuInfo("A", 16 * 10**9, 16 * 10**9, "8.9", 0), GpuInfo("B", 16 * 10**9, 16 * 10**9, "8.9", 1))
+    gpus = (
+        GpuInfo("A", 16 * 10**9, 16 * 10**9, "8.9", 0),
+        GpuInfo("B", 16 * 10**9, 16 * 10**9, "8.9", 1),
+    )
     settings = load_settings([], ["planner.skip_if_fits=false"])
     result = plan(_gpu_profile(*gpus), "builtin:flux-dev", settings)
     assert result.chosen.device_map == "balanced"

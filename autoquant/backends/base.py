@@ -94,7 +94,7 @@ class QuantBackend(ABC):
         pipe.set_progress_bar_config(disable=True)  # the executor reports per tier instead
         return pipe
 
-    def post_process(self, pipe: DiffusionPipeline, request: BuildRequest) -> None:
+    def post_process(self, pipe: DiffusionPipeline, request: BuildRequest) -> None:  # noqa: B027
         """Adjust the loaded pipeline before memory options and the smoke test (default: none)."""
 
     @abstractmethod

@@ -39,7 +39,7 @@ class Quanto(QuantBackend):
                 mapping[component.name] = diffusers.QuantoConfig(weights_dtype=weights)
         return mapping
 
-    def post_process(self, pipe: DiffusionPipeline, request: BuildRequest) -> None:
+    def post_process(self, pipe: Any, request: BuildRequest) -> None:
         if request.tier.precision != "mixed":
             return
         import torch

@@ -35,9 +35,7 @@ class TorchAo(QuantBackend):
             if component.name not in tier.quantized_components:
                 continue
             if component.library == "transformers":
-                mapping[component.name] = transformers.TorchAoConfig(
-                    quant_type=_ao_config("int8")
-                )
+                mapping[component.name] = transformers.TorchAoConfig(quant_type=_ao_config("int8"))
             else:
                 mapping[component.name] = diffusers.TorchAoConfig(_ao_config(tier.precision))
         return mapping

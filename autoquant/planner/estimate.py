@@ -52,7 +52,12 @@ class Request:
     steps: int = 30
 
     def to_dict(self) -> dict[str, Any]:
-        return {"width": self.width, "height": self.height, "batch": self.batch, "steps": self.steps}
+        return {
+            "width": self.width,
+            "height": self.height,
+            "batch": self.batch,
+            "steps": self.steps,
+        }
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,7 @@ def component_weight_bytes(
     return int(raw * _ALLOCATOR_OVERHEAD)
 
 
-def denoiser_activation_bytes(
-    inventory: ModelInventory, request: Request, tier: Tier
-) -> int:
+def denoiser_activation_bytes(inventory: ModelInventory, request: Request, tier: Tier) -> int:
     """Peak activation memory of one denoiser forward above its weights."""
     kind = "transformer" if "Transformer" in inventory.denoiser.class_name else "unet"
     latent_pixels = (request.width // inventory.vae_scale_factor) * (

@@ -113,7 +113,9 @@ def _facts(profile: HardwareProfile) -> dict[str, Any]:
     }
 
 
-def _match(when: dict[str, Any], facts: dict[str, Any], thresholds: dict[str, Any]) -> tuple[bool, str]:
+def _match(
+    when: dict[str, Any], facts: dict[str, Any], thresholds: dict[str, Any]
+) -> tuple[bool, str]:
     """Whether a rule's conditions hold, and the comparison in words."""
     said: list[str] = []
     for fact, cond in when.items():
@@ -313,9 +315,7 @@ def _fit_story(ctx: _Context, backend: str, precision: str, chosen: PlannedTier)
     for tier, device_map, change in _variants(ctx, _base_tier(ctx, backend, precision)):
         est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
         planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
-        parts = ", ".join(
-            f"{name} {format_bytes(size)}" for name, size in est.components.items()
-        )
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in est.components.items())
         lines.append(f"{backend} {precision} {change}: {_describe_fit(ctx, planned)} ({parts})")
         if planned.tier == chosen.tier and planned.device_map == chosen.device_map:
             break

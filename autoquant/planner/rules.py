@@ -90,7 +90,9 @@ def parse_yaml(text: str, name: str) -> Layer:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}:1: a profile must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{name}:1: a profile must be a mapping of keys, not {type(data).__name__}"
+        )
     lines: dict[str, int] = {}
     if node is not None:
         _index_lines(node, "", lines)
@@ -149,7 +151,9 @@ def _check_keys(layer: Layer, data: dict[str, Any], schema: dict[str, Any], pref
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in schema:
             close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
-            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            hint = (
+                f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            )
             known = "" if hint else f" (known: {', '.join(map(str, schema))})"
             raise ConfigError(f"{_where(layer, dotted)}: unknown key {dotted!r}{hint}{known}")
         if dotted in _FREEFORM:
@@ -253,7 +257,9 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
         for fact, cond in when.items():
             if fact not in _FACTS:
                 close = difflib.get_close_matches(str(fact), list(_FACTS), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(_FACTS)})"
+                hint = (
+                    f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(_FACTS)})"
+                )
                 raise ConfigError(f"{here}: unknown fact {fact!r}{hint}")
             if isinstance(cond, dict):
                 bad = set(cond) - {"at_least", "below"}
@@ -267,8 +273,9 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
                         bound = cond["at_least"]
                         if isinstance(bound, str):
                             here = where(f"thresholds.{bound}")
+                        name = rule.get("rule", index + 1)
                         raise ConfigError(
-                            f"{here}: thresholds out of order: rule {rule.get('rule', index + 1)!r} "
+                            f"{here}: thresholds out of order: rule {name!r} "
                             f"needs vram_gb >= {floor:g} after {last_rule!r} took >= "
                             f"{last_floor:g}, so it can never fire"
                         )
