@@ -138,9 +138,7 @@ def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
         pipe.to(device)
 
 
-def pipeline_call_kwargs(
-    inventory: ModelInventory, pipe: Any, **kwargs: Any
-) -> dict[str, Any]:
+def pipeline_call_kwargs(inventory: ModelInventory, pipe: Any, **kwargs: Any) -> dict[str, Any]:
     """Arguments every pipeline family accepts, adjusted per family."""
     call = dict(kwargs)
     if inventory.family == "flux":
@@ -152,9 +150,7 @@ def pipeline_call_kwargs(
     return call
 
 
-def smoke_test(
-    pipe: Any, inventory: ModelInventory, smoke: SmokeSettings
-) -> tuple[float, float]:
+def smoke_test(pipe: Any, inventory: ModelInventory, smoke: SmokeSettings) -> tuple[float, float]:
     """A short real generation. Returns (seconds per denoising step, whole call seconds);
     raises if the output is not finite."""
     import numpy as np
