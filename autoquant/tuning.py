@@ -51,17 +51,22 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
 
 
 def probe_for(options: TuneOptions, settings: dict[str, Any]) -> HardwareProfile:
-    """The probe, with the machine the user asked to plan for (CLI flags over profile keys)."""
-    from autoquant.probe import probe
+    """The probe, with the machine the user asked to plan for (CLI flags over profile keys).
+    With --vram-limit the real card is probed and its size replaced by the cap."""
+    from autoquant.probe import emulate, probe
 
     hardware = settings["hardware"]
-    vram_text = options.vram_limit or options.vram or hardware["vram"]
-    vram = parse_size(str(vram_text)) if vram_text is not None else None
     device = options.device or hardware["device"]
     capability = options.compute_capability or hardware["compute_capability"]
-    return probe(
-        vram=vram, device=device, compute_capability=str(capability) if capability else None
-    )
+    capability = str(capability) if capability else None
+    if options.vram_limit:
+        real = probe(device=device)
+        if real.accelerator not in ("cuda", "rocm") or "accelerator" in real.emulated:
+            raise AutoquantError("--vram-limit caps a real CUDA GPU; this machine has none")
+        return emulate(real, vram=parse_size(options.vram_limit))
+    vram_text = options.vram or hardware["vram"]
+    vram = parse_size(str(vram_text)) if vram_text is not None else None
+    return probe(vram=vram, device=device, compute_capability=capability)
 
 
 def request_for(options: TuneOptions, settings: dict[str, Any], default_size: int) -> Request:
@@ -83,9 +88,6 @@ def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile]:
 
     settings = settings_for(options)
     profile = probe_for(options, settings)
-    real_cuda = profile.accelerator in ("cuda", "rocm") and "accelerator" not in profile.emulated
-    if options.vram_limit and not real_cuda:
-        raise AutoquantError("--vram-limit caps a real CUDA GPU; this machine has none")
     inventory = models.inventory(models.resolve(options.model))
     request = request_for(options, settings, inventory.default_size)
     return plan(profile, inventory, settings, request), profile
