@@ -117,7 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
     p.add_argument("--smoke-steps", type=_positive, default=2, help="steps of the smoke test")
     p.add_argument("--smoke-size", type=_positive, help="side of the smoke test (default: --size)")
+    p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
+
+    p = sub.add_parser("cache", help="the saved tuning decisions")
+    cache = p.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    q = cache.add_parser("list", help="one line per saved decision")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q = cache.add_parser("show", help="one saved decision in full (JSON)")
+    q.add_argument("key")
+    q = cache.add_parser("clear", help="forget one saved decision, or all of them")
+    q.add_argument("key", nargs="?")
+    q = cache.add_parser("export", help="write a YAML profile that reproduces a decision")
+    q.add_argument("key")
+    q.add_argument(
+        "--out", type=Path, required=True, help="profile file to write (never overwritten)"
+    )
 
     p = sub.add_parser("convert", help="write a GGUF of the model's denoiser")
     p.add_argument("model", help="builtin:NAME or a local diffusers folder")
@@ -233,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         smoke_steps=args.smoke_steps,
         smoke_size=args.smoke_size,
         progress=not args.json,
+        retune=args.retune,
     )
     started = time.perf_counter()
     result = tune(options, log=log)
@@ -277,9 +293,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(estimate {format_bytes(measured['estimate_bytes'] or 0)}), "
         f"{measured['step_seconds']:.3f} s/step; generation {report['generation_seconds']:.2f} s"
     )
+    if report["cache"] and report["cache"]["hit"]:
+        print(f"tuning cache hit ({report['cache']['key']}): went straight to the saved tier")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     print(f"wrote {paths['image']}, {paths['report_json']}, {paths['report_md']}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from autoquant.fsutil import write_text_atomic
+    from autoquant.tuning_cache import TuningStore, export_profile
+
+    store = TuningStore(warn=lambda message: print(message, file=sys.stderr))
+    if args.cache_command == "list":
+        entries = store.entries()
+        if args.json:
+            _print_json(entries)
+            return 0
+        if not entries:
+            print(f"no saved tuning in {store.path}")
+        for digest, entry in sorted(entries.items(), key=lambda item: item[1]["updated"]):
+            key = entry["key"]
+            where = key.get("gpu") or key.get("cpu")
+            print(
+                f"{digest}  {entry['updated']}  {entry['model']} {key['width']}x{key['height']} "
+                f"on {where} → {entry['chosen']['label']}"
+            )
+        return 0
+    if args.cache_command == "clear":
+        removed = store.remove(args.key)
+        print(f"removed {removed} saved decision(s)")
+        return 0
+    entry = store.get(args.key)
+    if entry is None:
+        raise AutoquantError(f"no tuning cache entry {args.key!r} (see `autoquant cache list`)")
+    if args.cache_command == "show":
+        _print_json(entry)
+        return 0
+    if args.out.exists():
+        raise AutoquantError(f"{args.out} exists: pick another --out (it is never overwritten)")
+    write_text_atomic(args.out, export_profile(entry))
+    print(f"wrote {args.out}; reproduce with: autoquant run --profile {args.out}")
     return 0
 
 
@@ -313,6 +368,7 @@ _COMMANDS = {
     "plan": cmd_plan,
     "run": cmd_run,
     "convert": cmd_convert,
+    "cache": cmd_cache,
 }
 
 

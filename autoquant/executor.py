@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,7 @@ class Attempt:
     backend: str
     precision: str
     label: str
-    outcome: str  # "chosen", "oom", "error", "unavailable"
+    outcome: str  # "chosen", "oom", "error", "unavailable", "skipped"
     phase: str | None = None  # "check", "load" or "smoke": where it failed
     error: str | None = None
     load_seconds: float | None = None
@@ -79,6 +79,7 @@ class Result:
     attempts: list[Attempt]
     warnings: list[str] = field(default_factory=list)
     adjustments: list[str] = field(default_factory=list)  # what OOM recovery changed later
+    cache: dict[str, Any] | None = None  # the tuning cache's verdict, when one was consulted
 
     @property
     def chosen(self) -> PlannedTier:
@@ -110,9 +111,23 @@ class Result:
             },
             "warnings": list(self.warnings),
             "adjustments": list(self.adjustments),
+            "cache": self.cache,
             "probe": self.profile.to_dict(),
             "plan": self.plan.to_dict(),
         }
+
+
+# Decode in tiles of this many pixels a side. diffusers tiles only images larger than the VAE's
+# sample_size, which is 1024 for SDXL and Flux: at 1024² tiling would change nothing.
+VAE_TILE_PIXELS = 512
+
+
+def enable_vae_tiling(vae: Any) -> None:
+    vae.enable_tiling()
+    if hasattr(vae, "tile_sample_min_size") and vae.tile_sample_min_size > VAE_TILE_PIXELS:
+        scale = vae.tile_sample_min_size // vae.tile_latent_min_size
+        vae.tile_sample_min_size = VAE_TILE_PIXELS
+        vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
 
 
 def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
@@ -123,7 +138,7 @@ def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
     if "vae_slicing" in options:
         pipe.vae.enable_slicing()
     if "vae_tiling" in options:
-        pipe.vae.enable_tiling()
+        enable_vae_tiling(pipe.vae)
     if "attention_slicing" in options:
         pipe.enable_attention_slicing()
     if planned.device_map:
@@ -281,10 +296,12 @@ def execute(
     inventory: ModelInventory | None = None,
     smoke: SmokeSettings | None = None,
     start: int = 0,
+    skip: Collection[str] = (),
     progress: bool = True,
     log: Log | None = None,
 ) -> Result:
-    """Try the plan's ladder from ``start`` until a tier loads and passes its smoke test."""
+    """Try the plan's ladder from ``start`` until a tier loads and passes its smoke test.
+    Tiers labelled in ``skip`` (known to run out of memory here) are recorded, not built."""
     from autoquant import models
 
     log = log or (_stderr if progress else (lambda _m: None))
@@ -299,6 +316,20 @@ def execute(
     warnings: list[str] = []
     for index in range(start, len(plan.ladder)):
         planned = plan.ladder[index]
+        if planned.label in skip:
+            attempts.append(
+                Attempt(
+                    planned.tier.backend,
+                    planned.tier.precision,
+                    planned.label,
+                    outcome="skipped",
+                    phase="check",
+                    error="ran out of memory on this machine before (tuning cache)",
+                    estimate_bytes=planned.estimate.required_bytes,
+                )
+            )
+            log(f"  skip {planned.label}: it ran out of memory here before")
+            continue
         pipe, attempt = _try_tier(
             planned,
             folder=folder,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autoquant import memory
-from autoquant.executor import Log, Result, execute, pipeline_call_kwargs
+from autoquant.executor import Log, Result, enable_vae_tiling, execute, pipeline_call_kwargs
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -23,7 +23,7 @@ def _apply(pipe: Any, options: tuple[str, ...], device: str) -> None:
     if "vae_slicing" in options:
         pipe.vae.enable_slicing()
     if "vae_tiling" in options:
-        pipe.vae.enable_tiling()
+        enable_vae_tiling(pipe.vae)
     if "attention_slicing" in options:
         pipe.enable_attention_slicing()
     if "model_cpu_offload" in options:

@@ -54,6 +54,8 @@ def reset_peak(device: str) -> None:
     import torch
 
     if _on_cuda(device) and torch.cuda.is_available():
+        # Resetting the stats before anything initialised CUDA fails ("Invalid device argument").
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
 
 

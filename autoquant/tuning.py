@@ -35,6 +35,8 @@ class TuneOptions:
     smoke_steps: int = 2
     smoke_size: int | None = None  # default: the requested size
     progress: bool = True
+    use_cache: bool = True  # consult and update the tuning cache
+    retune: bool = False  # ignore a saved decision (and replace it)
 
 
 def settings_for(options: TuneOptions) -> dict[str, Any]:
@@ -94,21 +96,56 @@ def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile]:
 
 
 def tune(options: TuneOptions, log: Log | None = None) -> Result:
+    """Plan and build ``options.model``. With the tuning cache, a machine/model/settings seen
+    before goes straight to the saved tier (smoke-tested with one step) and skips tiers that ran
+    out of memory here; the outcome is saved for next time."""
     from autoquant import memory, models
+    from autoquant.identity import model_identity
+    from autoquant.tuning_cache import (
+        TuningStore,
+        entry_for,
+        known_oom,
+        saved_index,
+        tuning_key,
+    )
 
+    say = log or (lambda _m: None)
     the_plan, profile = make_plan(options)
     if options.vram_limit:
         memory.cap_process_memory(the_plan.device, parse_size(options.vram_limit))
     source = models.resolve(options.model)
     folder = models.materialize(source, progress=options.progress)
-    side_w = options.smoke_size or the_plan.request.width
-    side_h = options.smoke_size or the_plan.request.height
-    return execute(
+    smoke = SmokeSettings(
+        steps=options.smoke_steps,
+        width=options.smoke_size or the_plan.request.width,
+        height=options.smoke_size or the_plan.request.height,
+    )
+    start, skip, cache = 0, set[str](), None
+    store = key = previous = None
+    if options.use_cache:
+        store = TuningStore(warn=say)
+        key = tuning_key(profile, the_plan, model_identity(folder))
+        previous = None if options.retune else store.get(key.digest)
+        index = saved_index(previous, the_plan) if previous else None
+        cache = {"key": key.digest, "path": str(store.path), "hit": index is not None}
+        if previous is not None and index is not None:
+            start, skip = index, known_oom(previous) - {the_plan.ladder[index].label}
+            smoke = SmokeSettings(steps=1, width=smoke.width, height=smoke.height)
+            say(f"tuning cache hit ({key.digest}): straight to {the_plan.ladder[index].label}")
+        elif options.retune:
+            say(f"--retune: ignoring the tuning cache entry {key.digest}")
+    result = execute(
         the_plan,
         profile,
         folder=folder,
         inventory=models.inventory(source),
-        smoke=SmokeSettings(steps=options.smoke_steps, width=side_w, height=side_h),
+        smoke=smoke,
+        start=start,
+        skip=skip,
         progress=options.progress,
         log=log,
     )
+    result.cache = cache
+    if store is not None and key is not None:
+        store.put(key.digest, entry_for(key, result, previous))
+    return result

@@ -37,7 +37,7 @@ def _quantized(module: torch.nn.Module) -> bool:
 
 
 def _options(model: str = "builtin:tiny-sd", **kw: Any) -> TuneOptions:
-    return TuneOptions(model=model, device="cpu", progress=False, **kw)
+    return TuneOptions(model=model, device="cpu", progress=False, use_cache=False, **kw)
 
 
 @pytest.mark.parametrize(("model", "backend", "precision"), CPU_TIERS)
@@ -137,7 +137,7 @@ def test_oom_during_generation_turns_on_memory_options_then_moves_down(
 
 
 def test_load_returns_a_pipeline_with_its_report() -> None:
-    pipe = autoquant.load("builtin:tiny-sd", device="cpu", progress=False)
+    pipe = autoquant.load("builtin:tiny-sd", device="cpu", progress=False, use_cache=False)
     report = pipe.autoquant_report
     assert report["chosen"]["backend"] == "gguf"
     assert {"chosen", "tried", "probe", "plan", "measured"} <= set(report)

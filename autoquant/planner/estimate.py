@@ -28,9 +28,10 @@ _ACTIVATION_PER_LATENT_PIXEL = {"unet": 11_500, "transformer": 32_000}
 # fp32 activations are not quite twice bf16's (measured 1.8× on SDXL, 1.6× on Flux).
 _FP32_ACTIVATION_FACTOR = 1.7
 # VAE decode peak per output pixel per image at a 2-byte dtype (an SD-style decoder keeps a few
-# 128–256-channel maps at full resolution alive). Not yet measured on a GPU: treat as rough.
-_VAE_DECODE_PER_PIXEL = 2_000
-# Tiled VAE decode works on tiles of about this many output pixels at a time.
+# 128–256-channel maps at full resolution alive). Measured: SDXL's VAE decoding 1024² in bf16
+# peaked 2.59 GB above the weights on an H200 (docs/runs/sdxl-1024-vram-limit-6GB.json).
+_VAE_DECODE_PER_PIXEL = 2_500
+# Tiled VAE decode works on tiles of this many output pixels (executor.VAE_TILE_PIXELS a side).
 _VAE_TILE_PIXELS = 512 * 512
 # Group offload keeps about this fraction of a component's weights on the device at once
 # (block-level groups streamed ahead of use). Rough: depends on the largest block.
