@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="autoquant",
+        allow_abbrev=False,
         description="Hardware-aware quantization tuning for diffusers pipelines.",
     )
     parser.add_argument("--version", action="version", version=f"autoquant {__version__}")

@@ -143,3 +143,20 @@ def test_load_returns_a_pipeline_with_its_report() -> None:
     assert {"chosen", "tried", "probe", "plan", "measured"} <= set(report)
     image = pipe("a cat", num_inference_steps=2, width=64, height=64).images[0]
     assert image.size == (64, 64)
+
+
+def test_vae_tiling_really_tiles_a_1024_vae() -> None:
+    """diffusers tiles only images larger than the VAE's sample_size (1024 on SDXL/Flux)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        sample_size=1024,
+    )
+    executor.enable_vae_tiling(vae)
+    assert vae.use_tiling
+    assert vae.tile_sample_min_size == executor.VAE_TILE_PIXELS
+    assert vae.tile_latent_min_size == executor.VAE_TILE_PIXELS // 2  # two blocks: scale 2
