@@ -130,19 +130,16 @@ def enable_vae_tiling(vae: Any) -> None:
         vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
 
 
-def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
-    """Turn on the tier's memory options and put the pipeline on its device."""
+def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
+    """Switch memory options on for a loaded pipeline, in place."""
     import torch
 
-    options = planned.tier.memory_options
     if "vae_slicing" in options:
         pipe.vae.enable_slicing()
     if "vae_tiling" in options:
         enable_vae_tiling(pipe.vae)
     if "attention_slicing" in options:
         pipe.enable_attention_slicing()
-    if planned.device_map:
-        return  # already spread over the GPUs by from_pretrained
     if "model_cpu_offload" in options:
         pipe.enable_model_cpu_offload(device=device)
     elif "group_offload" in options:
@@ -151,7 +148,13 @@ def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
             offload_type="block_level",
             num_blocks_per_group=1,
         )
-    else:
+
+
+def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
+    """Turn on the tier's memory options and put the pipeline on its device."""
+    turn_on(pipe, planned.tier.memory_options, device)
+    # Offloading places the components itself; a device map already spread them over GPUs.
+    if not planned.tier.offloaded and not planned.device_map:
         pipe.to(device)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autoquant import memory
-from autoquant.executor import Log, Result, enable_vae_tiling, execute, pipeline_call_kwargs
+from autoquant.executor import Log, Result, execute, pipeline_call_kwargs, turn_on
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -17,17 +17,6 @@ _REMEDIES: tuple[tuple[str, ...], ...] = (
     ("attention_slicing",),
     ("model_cpu_offload",),
 )
-
-
-def _apply(pipe: Any, options: tuple[str, ...], device: str) -> None:
-    if "vae_slicing" in options:
-        pipe.vae.enable_slicing()
-    if "vae_tiling" in options:
-        enable_vae_tiling(pipe.vae)
-    if "attention_slicing" in options:
-        pipe.enable_attention_slicing()
-    if "model_cpu_offload" in options:
-        pipe.enable_model_cpu_offload(device=device)
 
 
 def _next_remedy(result: Result, applied: set[str]) -> tuple[str, ...] | None:
@@ -57,7 +46,7 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
         size = f"{call.get('width')}x{call.get('height')}"
         remedy = _next_remedy(result, applied)
         if remedy is not None:
-            _apply(result.pipeline, remedy, result.plan.device)
+            turn_on(result.pipeline, remedy, result.plan.device)
             applied.update(remedy)
             change = f"out of memory at {size} ({failure}): turned on {', '.join(remedy)}"
         else:
