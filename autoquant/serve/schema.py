@@ -48,9 +48,7 @@ class GenerateRequest(BaseModel):
 def request_model(limits: SizeLimits) -> type[GenerateRequest]:
     """GenerateRequest with this server's size bounds, so they show in the OpenAPI schema too."""
     side: Any = (int | None, Field(default=None, ge=limits.min_side, le=limits.max_side))
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        "GenerateRequest", __base__=GenerateRequest, width=side, height=side
-    )
+    return create_model("GenerateRequest", __base__=GenerateRequest, width=side, height=side)
 
 
 @dataclass(frozen=True)
