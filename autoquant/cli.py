@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="profile file to write (never overwritten)"
     )
 
+    from autoquant.serve.command import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("convert", help="write a GGUF of the model's denoiser")
     p.add_argument("model", help="builtin:NAME or a local diffusers folder")
     p.add_argument("--to", required=True, dest="qtype", help="q8_0, q5_1, q5_0, q4_1 or q4_0")
@@ -363,6 +367,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from autoquant.serve.command import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "probe": cmd_probe,
     "models": cmd_models,
@@ -370,6 +380,7 @@ _COMMANDS = {
     "run": cmd_run,
     "convert": cmd_convert,
     "cache": cmd_cache,
+    "serve": cmd_serve,
 }
 
 

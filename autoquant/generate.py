@@ -33,8 +33,15 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
     """Call the tuned pipeline; on OOM apply the next remedy or tier and call again.
     Returns the pipeline's output. ``result`` is updated in place when the tier changes."""
     applied: set[str] = set()
+    # A failed call has already drawn from the caller's generators: rewind them before each retry
+    # so the image is the one the seed promises.
+    given = call.get("generator")
+    generators = [g for g in (given if isinstance(given, list) else [given]) if g is not None]
+    states = [g.get_state() for g in generators]
     while True:
         failure: str | None = None
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
         try:
             pipe = result.pipeline
             return _invoke(pipe, pipeline_call_kwargs(result.inventory, pipe, **call))

@@ -1,0 +1,215 @@
+"""`autoquant serve`: tune once, then serve the pipeline over HTTP until SIGTERM.
+
+The tuning flags are those of `autoquant run`. Runnable on its own with the same flags:
+``python -m autoquant.serve.command --model builtin:tiny-sd``. fastapi and uvicorn are imported
+only when the server starts, so the rest of the CLI works without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from autoquant.errors import AutoquantError
+from autoquant.units import parse_size
+
+logger = logging.getLogger("autoquant.serve")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return int(text)
+
+
+def _side(text: str) -> int:
+    side = _positive(text)
+    if side % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 8")
+    return side
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of milliseconds, 0 or more")
+    return value
+
+
+def _size(text: str) -> str:
+    parse_size(text)  # "--vram-limit banana" is a usage error, before anything loads
+    return text
+
+
+def _wxh(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 1024x1024")
+    return int(width), int(height)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from autoquant.tuning import DEFAULT_MODEL
+
+    tuning = p.add_argument_group("tuning (as `autoquant run`)")
+    tuning.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
+    )
+    tuning.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE|PRESET",
+        help="YAML profile or shipped preset name; repeatable, later ones win",
+    )
+    tuning.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
+    )
+    tuning.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, …)")
+    tuning.add_argument("--precision", help="force a precision for --backend")
+    tuning.add_argument("--vram-limit", type=_size, help="cap this process's GPU memory")
+    tuning.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device")
+    tuning.add_argument(
+        "--size", type=_wxh, help="WIDTHxHEIGHT tuned for and served by default (model's native)"
+    )
+    tuning.add_argument("--smoke-steps", type=_positive, default=2, help="steps of the smoke test")
+    tuning.add_argument("--smoke-size", type=_positive, help="side of the smoke test (--size)")
+    tuning.add_argument("--retune", action="store_true", help="ignore the saved tuning decision")
+
+    serving = p.add_argument_group("serving")
+    serving.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
+    serving.add_argument("--port", type=int, default=8000, help="port (%(default)s)")
+    serving.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=8,
+        help="images per pipeline call at most; free memory may allow fewer; 1 turns batching "
+        "off (%(default)s)",
+    )
+    serving.add_argument(
+        "--queue-size", type=_positive, default=32, help="requests waiting at most (%(default)s)"
+    )
+    serving.add_argument(
+        "--batch-window-ms",
+        type=_milliseconds,
+        default=20.0,
+        help="how long the oldest request waits for others to join its batch (%(default)s)",
+    )
+    for flag, default, which in (("--min-side", 64, "smallest"), ("--max-side", 2048, "largest")):
+        serving.add_argument(
+            flag, type=_side, default=default, help=f"{which} width/height (%(default)s)"
+        )
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add `serve` to the `autoquant` command's subparsers."""
+    p = subparsers.add_parser(
+        "serve", help="tune once, then serve the pipeline over HTTP", allow_abbrev=False
+    )
+    add_arguments(p)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tune_options(args: argparse.Namespace) -> Any:
+    from autoquant.tuning import TuneOptions
+
+    width, height = args.size if args.size else (None, None)
+    return TuneOptions(
+        model=args.model,
+        profiles=tuple(args.profile),
+        overrides=tuple(args.overrides),
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        vram_limit=args.vram_limit,
+        width=width,
+        height=height,
+        smoke_steps=args.smoke_steps,
+        smoke_size=args.smoke_size,
+        progress=False,  # the server logs each tier instead of drawing progress bars
+        retune=args.retune,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean drain. A tuning failure stops the server and
+    is raised here (an AutoquantError is the CLI's one-line error)."""
+    import uvicorn
+    from diffusers.utils import logging as diffusers_logging
+
+    from autoquant.serve.app import DrainingServer, create_app
+    from autoquant.serve.metrics import Metrics
+    from autoquant.serve.schema import SizeLimits
+    from autoquant.serve.worker import Worker, WorkerSettings
+
+    if args.min_side > args.max_side:
+        raise AutoquantError(f"--min-side {args.min_side} is above --max-side {args.max_side}")
+    # uvicorn's lines and ours at INFO, in one format; other libraries only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(message)s")
+    for name in ("autoquant", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    diffusers_logging.disable_progress_bar()
+    if not _is_loopback(args.host):
+        logger.warning("binding %s: the API has no authentication, keep it private", args.host)
+    settings = WorkerSettings(
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        batch_window=args.batch_window_ms / 1000,
+        vram_limit_bytes=parse_size(args.vram_limit) if args.vram_limit else None,
+    )
+
+    def stop_on_failure(_err: BaseException) -> None:
+        server.should_exit = True  # uvicorn polls it; the error is raised below
+
+    worker = Worker(_tune_options(args), settings, Metrics(), on_failure=stop_on_failure)
+    app = create_app(worker, SizeLimits(args.min_side, args.max_side))
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, timeout_graceful_shutdown=None, log_config=None
+    )
+    server = DrainingServer(config, worker)
+    # uvicorn re-raises the signal it stopped for once it is done, with the handler that was
+    # there before; a no-op one makes a drained SIGTERM end in exit 0 rather than death by it.
+    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if worker.error is not None:
+        raise worker.error
+    logger.info("drained and stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m autoquant.serve.command`: the same as `autoquant serve`."""
+    from autoquant.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
