@@ -4,46 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from autoquant import __version__
+from autoquant.cliargs import (
+    EXIT_USAGE,
+    Parser,
+    positive_int,
+    quiet_libraries,
+    size_text,
+    width_height,
+)
 from autoquant.errors import AutoquantError
 from autoquant.units import format_bytes, parse_size
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: argparse's default prints two.
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _size_arg(text: str) -> str:
-    parse_size(text)  # validate early: "--vram banana" is a usage error
-    return text
-
-
-def _wxh(text: str) -> tuple[int, int]:
-    width, sep, height = text.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 1024x1024")
-    return int(width), int(height)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(text)
-
 
 def _add_machine(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vram", type=_size_arg, help="plan for a GPU of this size (8GB, 8GiB, 8192MB)")
+    p.add_argument("--vram", type=size_text, help="plan for a GPU of this size (8GB, 8GiB, 8192MB)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="plan for this device kind")
     p.add_argument("--compute-capability", help="with an emulated CUDA GPU, e.g. 8.9 (default 8.6)")
 
@@ -78,13 +59,12 @@ def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from autoquant.tuning import DEFAULT_MODEL
 
-    parser = _Parser(
+    parser = Parser(
         prog="autoquant",
-        allow_abbrev=False,
         description="Hardware-aware quantization tuning for diffusers pipelines.",
     )
     parser.add_argument("--version", action="version", version=f"autoquant {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("probe", help="show what this machine has")
     _add_machine(p)
@@ -99,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
     p.add_argument("--precision", help="force a precision for --backend")
-    p.add_argument("--size", type=_wxh, help="WIDTHxHEIGHT the estimate is for")
-    p.add_argument("--batch", type=_positive, help="images per prompt the estimate is for")
+    p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
+    p.add_argument("--batch", type=positive_int, help="images per prompt the estimate is for")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
@@ -108,21 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default 20)")
-    p.add_argument("--size", type=_wxh, help="WIDTHxHEIGHT (default: the model's native size)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default 20)")
+    p.add_argument(
+        "--size", type=width_height, help="WIDTHxHEIGHT (default: the model's native size)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
     p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
     p.add_argument("--precision", help="force a precision for --backend")
-    p.add_argument("--vram-limit", type=_size_arg, help="cap this process's GPU memory (real OOM)")
+    p.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory (real OOM)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
-    p.add_argument("--smoke-steps", type=_positive, default=2, help="steps of the smoke test")
-    p.add_argument("--smoke-size", type=_positive, help="side of the smoke test (default: --size)")
+    p.add_argument("--smoke-steps", type=positive_int, default=2, help="steps of the smoke test")
+    p.add_argument(
+        "--smoke-size", type=positive_int, help="side of the smoke test (default: --size)"
+    )
     p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
 
     p = sub.add_parser("cache", help="the saved tuning decisions")
-    cache = p.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    cache = p.add_subparsers(dest="cache_command", required=True, parser_class=Parser)
     q = cache.add_parser("list", help="one line per saved decision")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q = cache.add_parser("show", help="one saved decision in full (JSON)")
@@ -138,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     from autoquant.serve.command import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+
+    from autoquant.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("convert", help="write a GGUF of the model's denoiser")
     p.add_argument("model", help="builtin:NAME or a local diffusers folder")
@@ -367,6 +355,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from autoquant.bench.command import run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from autoquant.serve.command import run
 
@@ -381,28 +375,12 @@ _COMMANDS = {
     "convert": cmd_convert,
     "cache": cmd_cache,
     "serve": cmd_serve,
+    "bench": cmd_bench,
 }
 
 
-def _quiet_libraries() -> None:
-    """The command prints its own progress; keep the libraries' chatter (deprecation notices we
-    restate once, per-component progress bars, optional-kernel probes) off the terminal."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -15,20 +15,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from autoquant.cliargs import positive_int, size_text, width_height
 from autoquant.errors import AutoquantError
 from autoquant.units import parse_size
 
 logger = logging.getLogger("autoquant.serve")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(text)
-
-
 def _side(text: str) -> int:
-    side = _positive(text)
+    side = positive_int(text)
     if side % 8:
         raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 8")
     return side
@@ -42,18 +37,6 @@ def _milliseconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a number of milliseconds, 0 or more")
     return value
-
-
-def _size(text: str) -> str:
-    parse_size(text)  # "--vram-limit banana" is a usage error, before anything loads
-    return text
-
-
-def _wxh(text: str) -> tuple[int, int]:
-    width, sep, height = text.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 1024x1024")
-    return int(width), int(height)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,13 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     tuning.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, …)")
     tuning.add_argument("--precision", help="force a precision for --backend")
-    tuning.add_argument("--vram-limit", type=_size, help="cap this process's GPU memory")
+    tuning.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory")
     tuning.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device")
     tuning.add_argument(
-        "--size", type=_wxh, help="WIDTHxHEIGHT tuned for and served by default (model's native)"
+        "--size",
+        type=width_height,
+        help="WIDTHxHEIGHT tuned for and served by default (model's native)",
     )
-    tuning.add_argument("--smoke-steps", type=_positive, default=2, help="steps of the smoke test")
-    tuning.add_argument("--smoke-size", type=_positive, help="side of the smoke test (--size)")
+    tuning.add_argument(
+        "--smoke-steps", type=positive_int, default=2, help="steps of the smoke test"
+    )
+    tuning.add_argument("--smoke-size", type=positive_int, help="side of the smoke test (--size)")
     tuning.add_argument("--retune", action="store_true", help="ignore the saved tuning decision")
 
     serving = p.add_argument_group("serving")
@@ -97,13 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     serving.add_argument("--port", type=int, default=8000, help="port (%(default)s)")
     serving.add_argument(
         "--max-batch",
-        type=_positive,
+        type=positive_int,
         default=8,
         help="images per pipeline call at most; free memory may allow fewer; 1 turns batching "
         "off (%(default)s)",
     )
     serving.add_argument(
-        "--queue-size", type=_positive, default=32, help="requests waiting at most (%(default)s)"
+        "--queue-size", type=positive_int, default=32, help="requests waiting at most (%(default)s)"
     )
     serving.add_argument(
         "--batch-window-ms",

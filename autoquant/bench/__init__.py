@@ -1,0 +1,132 @@
+"""`autoquant bench`: every tier at every VRAM budget, the plan against an exhaustive sweep.
+
+command.py runs the sweep (one subprocess per tier: tier_run.py), budgets.py judges which tiers
+fit each budget and what the planner chose there, fidelity.py holds the error metrics, report.py
+writes bench.json / bench.md / bench.png. This module holds what they share: the tier spec
+written on the command line (``gguf:q4_0``, ``none:bf16+model_cpu_offload``,
+``quanto:int8+te+compile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoquant.errors import AutoquantError
+from autoquant.models.types import ModelInventory
+from autoquant.planner.tiers import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier, validate_tier_name
+from autoquant.probe.types import HardwareProfile
+
+TEXT_ENCODERS = "te"  # "+te": the text encoders are quantized with the denoiser's backend
+COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile
+# The backends whose text encoders transformers can quantize (as the planner has it); GGUF
+# converts the denoiser only.
+_TEXT_ENCODER_BACKENDS = ("quanto", "bitsandbytes", "torchao")
+_VAE_OPTIONS = ("vae_slicing", "vae_tiling")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One tier of the sweep as written on the command line: ``backend:precision[+extra...]``,
+    each extra a memory option, ``te`` or ``compile``."""
+
+    backend: str
+    precision: str
+    text_encoders: bool = False
+    memory_options: tuple[str, ...] = ()  # in the order of planner.tiers.MEMORY_OPTIONS
+    compile: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> TierSpec:
+        head, *extras = text.strip().split("+")
+        backend, sep, precision = head.partition(":")
+        if not sep:
+            raise AutoquantError(f"tier {text!r}: write backend:precision, e.g. gguf:q4_0")
+        try:
+            validate_tier_name(backend, precision)
+        except ValueError as err:
+            raise AutoquantError(f"tier {text!r}: {err}") from None
+        known = (TEXT_ENCODERS, COMPILE, *MEMORY_OPTIONS)
+        unknown = [e for e in extras if e not in known]
+        if unknown:
+            raise AutoquantError(
+                f"tier {text!r}: unknown extra {unknown[0]!r}; choose from {', '.join(known)}"
+            )
+        if TEXT_ENCODERS in extras and backend not in _TEXT_ENCODER_BACKENDS:
+            raise AutoquantError(
+                f"tier {text!r}: +te needs a backend that quantizes text encoders "
+                f"({', '.join(_TEXT_ENCODER_BACKENDS)}); offload them instead (+model_cpu_offload)"
+            )
+        if all(o in extras for o in OFFLOAD_OPTIONS):
+            raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
+        return cls(
+            backend,
+            precision,
+            text_encoders=TEXT_ENCODERS in extras,
+            memory_options=tuple(o for o in MEMORY_OPTIONS if o in extras),
+            compile=COMPILE in extras,
+        )
+
+    @classmethod
+    def of_tier(cls, tier: Tier) -> TierSpec:
+        """The spec of a planned tier (what the planner chose), for matching measured tiers."""
+        return cls(
+            tier.backend,
+            tier.precision,
+            text_encoders=len(tier.quantized_components) > 1,
+            memory_options=tier.memory_options,
+        )
+
+    @property
+    def name(self) -> str:
+        """The canonical spelling: extras in a fixed order, so equal specs compare equal."""
+        extras = [TEXT_ENCODERS] if self.text_encoders else []
+        extras += list(self.memory_options)
+        extras += [COMPILE] if self.compile else []
+        return f"{self.backend}:{self.precision}" + "".join(f"+{e}" for e in extras)
+
+    @property
+    def file_stem(self) -> str:
+        """The name as a file name of plain characters (``quanto-int8-te-model_cpu_offload``)."""
+        return self.name.replace(":", "-").replace("+", "-")
+
+    def without_vae_options(self) -> TierSpec:
+        """The same tier without VAE slicing/tiling: they change the decode's memory, not the
+        denoiser's step latency, which is what a plan's choice is compared on."""
+        kept = tuple(o for o in self.memory_options if o not in _VAE_OPTIONS)
+        return TierSpec(self.backend, self.precision, self.text_encoders, kept, self.compile)
+
+    def tier(self, inventory: ModelInventory, compute_dtype: str) -> Tier:
+        """The planner's Tier for this spec on ``inventory``; ``compute_dtype`` is what a
+        quantized tier computes in (an unquantized one computes in its own precision)."""
+        if self.backend == "none":
+            return Tier("none", self.precision, self.precision, (), self.memory_options)
+        components: tuple[str, ...] = (inventory.denoiser.name,)
+        if self.text_encoders:
+            components += tuple(c.name for c in inventory.text_encoders)
+        return Tier(self.backend, self.precision, compute_dtype, components, self.memory_options)
+
+
+def parse_tier_list(text: str) -> list[TierSpec]:
+    """``none:bf16,gguf:q4_0`` → specs, duplicates dropped, order kept."""
+    specs: list[TierSpec] = []
+    for item in text.split(","):
+        if item.strip():
+            spec = TierSpec.parse(item)
+            if spec not in specs:
+                specs.append(spec)
+    if not specs:
+        raise AutoquantError("--tiers names no tier: write e.g. none:bf16,gguf:q4_0 or all")
+    return specs
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line for a report: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}".strip()
+
+
+def bench_device(profile: HardwareProfile) -> str:
+    """Where the sweep runs: the probe's GPU ("cuda", ROCm included), else the CPU."""
+    if not profile.has_gpu:
+        return "cpu"
+    return "cuda" if profile.accelerator in ("cuda", "rocm") else profile.accelerator

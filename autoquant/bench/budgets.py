@@ -1,0 +1,192 @@
+"""Budgets: which measured tiers fit each VRAM budget, what the planner chose there, and how its
+choice compares with the fastest tier that fits at no worse per-layer error.
+
+Budgets are in GB = 10^9 bytes, as ``--vram 8GB`` reads them (a card sold as "8 GB").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autoquant.bench import TierSpec
+from autoquant.errors import AutoquantError
+from autoquant.models.types import ModelInventory
+from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request, estimate
+from autoquant.planner.plan import plan
+from autoquant.planner.tiers import Tier
+from autoquant.probe.emulate import emulate
+from autoquant.probe.types import HardwareProfile
+
+GB = 10**9
+DEFAULT_BUDGETS = "4,6,8,12,16,24,48,80"
+
+GPU_FIT_RULE = (
+    "a tier fits a budget when its measured peak (the higher of the load and run peaks in the "
+    "CUDA allocator) plus 0.65 GiB of CUDA context is at most the budget"
+)
+CPU_FIT_RULE = (
+    "CPU run (no CUDA GPU): there is no GPU memory cap to emulate, so a tier 'fits' a budget "
+    "when the planner's GPU estimate for it (required bytes, 0.65 GiB CUDA context included) is "
+    "at most the budget — an estimate, not a measurement; the plan is for an emulated CUDA GPU "
+    "of that size, so it may choose tiers that cannot run on this CPU (bitsandbytes)"
+)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``4,6,8`` → [4.0, 6.0, 8.0] (GB), sorted, duplicates dropped."""
+    budgets: set[float] = set()
+    for item in text.split(","):
+        item = item.strip().removesuffix("GB").removesuffix("gb")
+        try:
+            value = float(item)
+        except ValueError:
+            raise AutoquantError(
+                f"--budgets {text!r}: write numbers in GB (10^9 bytes), e.g. 4,6,8,12"
+            ) from None
+        if value <= 0:
+            raise AutoquantError(f"--budgets {text!r}: every budget must be greater than zero")
+        budgets.add(value)
+    return sorted(budgets)
+
+
+def record_tier(record: dict[str, Any]) -> Tier:
+    data = record["tier"]
+    return Tier(
+        data["backend"],
+        data["precision"],
+        data["compute_dtype"],
+        tuple(data["components"]),
+        tuple(data["memory_options"]),
+    )
+
+
+def fit_bytes(record: dict[str, Any], inventory: ModelInventory, on_cuda: bool) -> int | None:
+    """The memory a tier needs on a card of the budget's size (see GPU_FIT_RULE/CPU_FIT_RULE);
+    None for a tier that did not run."""
+    if record.get("status") != "ok":
+        return None
+    if on_cuda:
+        peak = max(record["peak_bytes"], record["load_peak_bytes"] or 0)
+        return int(peak + CUDA_CONTEXT_BYTES)
+    request = Request(**record["request"])
+    return estimate(inventory, record_tier(record), request, on_gpu=True).required_bytes
+
+
+def _fits(need: int | None, limit: int) -> bool:
+    return need is not None and need <= limit
+
+
+def _no_worse(record: dict[str, Any], error: float) -> bool:
+    value = _per_layer_error(record)
+    return value is not None and value <= error
+
+
+def _per_layer_error(record: dict[str, Any]) -> float | None:
+    value = (record.get("fidelity") or {}).get("per_layer_error_median")
+    return float(value) if value is not None else None
+
+
+def _latency(record: dict[str, Any]) -> float | None:
+    latency = record.get("latency_ms")
+    return float(latency["median"]) if latency else None
+
+
+def _measured_as(chosen: TierSpec, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured tier that is the plan's choice: the same spec, else the same spec but for
+    VAE slicing/tiling (they do not change the denoiser's latency)."""
+    for record in records:
+        if record["spec"] == chosen.name:
+            return record
+    for record in records:
+        if TierSpec.parse(record["spec"]).without_vae_options() == chosen.without_vae_options():
+            return record
+    return None
+
+
+def budget_rows(
+    records: list[dict[str, Any]],
+    budgets_gb: list[float],
+    *,
+    inventory: ModelInventory,
+    profile: HardwareProfile,
+    settings: dict[str, Any],
+    request: Request,
+    on_cuda: bool,
+) -> list[dict[str, Any]]:
+    """One row per budget: the tiers that fit, the plan's choice and its latency ratio."""
+    needs = {r["spec"]: fit_bytes(r, inventory, on_cuda) for r in records}
+    rows = []
+    for budget in budgets_gb:
+        limit = int(budget * GB)
+        fitting = [r for r in records if _fits(needs[r["spec"]], limit)]
+        row: dict[str, Any] = {
+            "budget_gb": budget,
+            "fits": [r["spec"] for r in fitting],
+            "edge": None,
+            "plan": None,
+            "plan_error": None,
+            "plan_measured_as": None,
+            "plan_fits_measured": None,
+            "plan_latency_ms": None,
+            "best": None,
+            "best_latency_ms": None,
+            "latency_ratio": None,
+        }
+        if fitting:
+            row["edge"] = max(fitting, key=lambda r: needs[r["spec"]] or 0)["spec"]
+        try:
+            card = emulate(profile, vram=limit, device="cuda")
+            the_plan = plan(card, inventory, settings, request)
+        except AutoquantError as err:
+            row["plan_error"] = str(err)
+            rows.append(row)
+            continue
+        chosen = TierSpec.of_tier(the_plan.chosen.tier)
+        row["plan"] = {
+            "spec": chosen.name,
+            "label": the_plan.chosen.label,
+            "estimate_bytes": the_plan.chosen.estimate.required_bytes,
+            "path": list(the_plan.path),
+        }
+        measured = _measured_as(chosen, [r for r in records if not r.get("compile")])
+        if measured is not None:
+            row.update(_compare(measured, fitting))
+        rows.append(row)
+    return rows
+
+
+def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plan's tier against the fastest fitting tier whose per-layer error is no worse
+    (compiled tiers left out: the planner never compiles)."""
+    out: dict[str, Any] = {
+        "plan_measured_as": measured["spec"],
+        "plan_fits_measured": measured in fitting,
+        "plan_latency_ms": _latency(measured),
+    }
+    error, latency = _per_layer_error(measured), _latency(measured)
+    if error is None or latency is None:
+        return out
+    candidates = [
+        r
+        for r in fitting
+        if not r.get("compile") and _latency(r) is not None and _no_worse(r, error)
+    ]
+    if candidates:
+        best = min(candidates, key=lambda r: _latency(r) or 0.0)
+        out["best"] = best["spec"]
+        out["best_latency_ms"] = _latency(best)
+        out["latency_ratio"] = latency / (_latency(best) or latency)
+    return out
+
+
+def confirm_targets(rows: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    """(budget, tier) pairs to rerun under a real cap: each budget's edge tier, once, at the
+    smallest budget where it is the edge (the tightest test of it)."""
+    seen: set[str] = set()
+    targets = []
+    for row in rows:
+        edge = row["edge"]
+        if edge and edge not in seen:
+            seen.add(edge)
+            targets.append((row["budget_gb"], edge))
+    return targets
