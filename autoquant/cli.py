@@ -173,23 +173,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_options(args: argparse.Namespace, **extra: Any) -> Any:
-    from autoquant.tuning import TuneOptions
-
-    width, height = args.size if args.size else (None, None)
-    return TuneOptions(
-        model=args.model,
-        profiles=tuple(args.profile),
-        overrides=tuple(args.overrides),
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
-        width=width,
-        height=height,
-        **extra,
-    )
-
-
 def _print_plan(the_plan: Any) -> None:
     data = the_plan.to_dict()
     print(f"model {data['model']} on {data['device']}, budget {format_bytes(data['budget_bytes'])}")
@@ -206,9 +189,9 @@ def _print_plan(the_plan: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autoquant.tuning import make_plan
+    from autoquant.tuning import make_plan, options_from_args
 
-    options = _tune_options(
+    options = options_from_args(
         args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
     )
     started = time.perf_counter()
@@ -227,14 +210,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from autoquant.generate import generate
     from autoquant.outputs import write_run
-    from autoquant.tuning import tune
+    from autoquant.tuning import options_from_args, tune
 
     def log(message: str) -> None:
         if not args.json:
             print(message, file=sys.stderr, flush=True)
 
     diffusers_logging.disable_progress_bar()  # per-component bars; the executor logs per tier
-    options = _tune_options(
+    options = options_from_args(
         args,
         vram_limit=args.vram_limit,
         steps=args.steps,

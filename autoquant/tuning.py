@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,22 @@ class TuneOptions:
     progress: bool = True
     use_cache: bool = True  # consult and update the tuning cache
     retune: bool = False  # ignore a saved decision (and replace it)
+
+
+def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
+    """TuneOptions from the tuning flags every command shares (`run`, `plan`, `serve`)."""
+    width, height = args.size if args.size else (None, None)
+    return TuneOptions(
+        model=args.model,
+        profiles=tuple(args.profile),
+        overrides=tuple(args.overrides),
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        width=width,
+        height=height,
+        **extra,
+    )
 
 
 def settings_for(options: TuneOptions) -> dict[str, Any]:

@@ -275,6 +275,7 @@ def _record(spec: str, peak: float, ms: float, error: float, **extra: Any) -> di
         "peak_bytes": int(peak * GB),
         "load_peak_bytes": int(peak * GB / 2),
         "latency_ms": {"median": ms},
+        "e2e_seconds": ms * 4 / 1000,  # 4 steps: plans are compared end to end
         "fidelity": {"per_layer_error_median": error},
         **extra,
     }
@@ -291,6 +292,8 @@ def test_budget_rows_on_a_gpu_judge_measured_peaks_and_the_latency_ratio() -> No
         _record("none:fp32", peak=1.2, ms=10.0, error=0.0),
         _record("gguf:q4_0", peak=0.3, ms=5.0, error=8e-2),
         _record("none:bf16+compile", peak=0.6, ms=1.0, error=2.3e-3),
+        # Offloading: the UNet step is as fast as bf16's, the whole generation is not.
+        _record("none:bf16+model_cpu_offload", peak=0.4, ms=2.0, error=2.3e-3, e2e_seconds=9.0),
     ]
     rows = budget_rows(
         records,

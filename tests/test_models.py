@@ -330,6 +330,7 @@ def test_hub_unreachable_by_socket_fails_fast(monkeypatch: pytest.MonkeyPatch) -
 
     def never_answers(*args: object, **kwargs: object) -> None:
         time.sleep(2)
+        raise TimeoutError("timed out")  # what a real connect does once it gives up
 
     # A host that never answers (DNS lookup included) is given up on at the timeout.
     monkeypatch.setattr(socket, "create_connection", never_answers)

@@ -122,19 +122,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _tune_options(args: argparse.Namespace) -> Any:
-    from autoquant.tuning import TuneOptions
+    from autoquant.tuning import options_from_args
 
-    width, height = args.size if args.size else (None, None)
-    return TuneOptions(
-        model=args.model,
-        profiles=tuple(args.profile),
-        overrides=tuple(args.overrides),
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
+    return options_from_args(
+        args,
         vram_limit=args.vram_limit,
-        width=width,
-        height=height,
         smoke_steps=args.smoke_steps,
         smoke_size=args.smoke_size,
         progress=False,  # the server logs each tier instead of drawing progress bars
