@@ -15,6 +15,9 @@ from autoquant.probe.types import HardwareProfile
 from autoquant.units import format_bytes
 
 GB = 1e9
+# Group offload leaves quantized weights behind in diffusers 0.42.1: GGUF fails with KeyError
+# None (shared notes), quanto with "mat2 is on cpu" (measured on an H200, tests/test_gpu.py).
+_GROUP_OFFLOAD_BACKENDS = {"none", "torchao", "bitsandbytes"}
 # Backends that can quantize transformers text encoders through transformers' own configs.
 _TEXT_ENCODER_QUANTIZERS = {"quanto", "bitsandbytes", "torchao"}
 
@@ -187,8 +190,7 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         out.append((tier, "balanced", f"spread over {len(ctx.profile.gpus)} GPUs"))
     if ctx.settings["planner"]["allow_offload"]:
         out.append((tier.with_options("model_cpu_offload"), None, "with model CPU offload"))
-        # GGUF + sequential/group offload is broken in diffusers 0.42.1 (KeyError None).
-        if base.backend != "gguf":
+        if base.backend in _GROUP_OFFLOAD_BACKENDS:
             out.append((tier.with_options("group_offload"), None, "with group offload"))
     return out
 
