@@ -12,6 +12,7 @@ from autoquant.executor import Log, Result, SmokeSettings, execute
 from autoquant.planner.estimate import Request
 from autoquant.planner.plan import Plan, plan
 from autoquant.planner.rules import load_settings
+from autoquant.planner.tiers import validate_tier_name
 from autoquant.probe.types import HardwareProfile
 from autoquant.units import parse_size
 
@@ -59,6 +60,10 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
 def settings_for(options: TuneOptions) -> dict[str, Any]:
     overrides = list(options.overrides)
     if options.backend:
+        try:
+            validate_tier_name(options.backend, options.precision)
+        except ValueError as err:
+            raise AutoquantError(f"--backend/--precision: {err}") from None
         overrides.append(f"force.backend={options.backend}")
     if options.precision:
         if not options.backend:

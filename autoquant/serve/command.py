@@ -137,6 +137,12 @@ def _tune_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain. A tuning failure stops the server and
     is raised here (an AutoquantError is the CLI's one-line error)."""
+    # Reject bad profiles, backends and models before the server binds (cheap: no weights).
+    from autoquant import models
+    from autoquant.tuning import settings_for
+
+    settings_for(_tune_options(args))
+    models.resolve(args.model)
     import uvicorn
     from diffusers.utils import logging as diffusers_logging
 
