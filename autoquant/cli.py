@@ -14,6 +14,7 @@ from autoquant import __version__
 from autoquant.cliargs import (
     EXIT_USAGE,
     Parser,
+    add_profile_arguments,
     positive_int,
     quiet_libraries,
     size_text,
@@ -27,24 +28,6 @@ def _add_machine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", type=size_text, help="plan for a GPU of this size (8GB, 8GiB, 8192MB)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="plan for this device kind")
     p.add_argument("--compute-capability", help="with an emulated CUDA GPU, e.g. 8.9 (default 8.6)")
-
-
-def _add_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--profile",
-        action="append",
-        default=[],
-        metavar="FILE|PRESET",
-        help="YAML profile or shipped preset name; repeatable, later ones win",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
-    )
 
 
 def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -76,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="decide a tier without building anything")
     _add_model(p, DEFAULT_MODEL)
     _add_machine(p)
-    _add_profile(p)
+    add_profile_arguments(p)
     p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
     p.add_argument("--precision", help="force a precision for --backend")
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
@@ -85,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
     _add_model(p, DEFAULT_MODEL)
-    _add_profile(p)
+    add_profile_arguments(p)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default 20)")

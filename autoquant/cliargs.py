@@ -24,6 +24,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_profile_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--profile and --set, as every command that plans takes them."""
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE|PRESET",
+        help="YAML profile or shipped preset name; repeatable, later ones win",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
+    )
+
+
 def size_text(text: str) -> str:
     """A memory size such as 8GB; validated now so that `--vram banana` is a usage error."""
     parse_size(text)

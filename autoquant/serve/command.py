@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from autoquant.cliargs import positive_int, size_text, width_height
+from autoquant.cliargs import add_profile_arguments, positive_int, size_text, width_height
 from autoquant.errors import AutoquantError
 from autoquant.units import parse_size
 
@@ -49,21 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
     )
-    tuning.add_argument(
-        "--profile",
-        action="append",
-        default=[],
-        metavar="FILE|PRESET",
-        help="YAML profile or shipped preset name; repeatable, later ones win",
-    )
-    tuning.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
-    )
+    add_profile_arguments(tuning)
     tuning.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, …)")
     tuning.add_argument("--precision", help="force a precision for --backend")
     tuning.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory")
