@@ -90,8 +90,9 @@ class TierSpec:
         return self.name.replace(":", "-").replace("+", "-")
 
     def without_vae_options(self) -> TierSpec:
-        """The same tier without VAE slicing/tiling: they change the decode's memory, not the
-        denoiser's step latency, which is what a plan's choice is compared on."""
+        """The same tier without VAE slicing/tiling: they change only the decode (its memory, and
+        a little of the end-to-end time), so the plain tier stands in when the plan's exact tier
+        was not measured."""
         kept = tuple(o for o in self.memory_options if o not in _VAE_OPTIONS)
         return TierSpec(self.backend, self.precision, self.text_encoders, kept, self.compile)
 

@@ -96,7 +96,7 @@ def _latency(record: dict[str, Any]) -> float | None:
 
 def _measured_as(chosen: TierSpec, records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The measured tier that is the plan's choice: the same spec, else the same spec but for
-    VAE slicing/tiling (they do not change the denoiser's latency)."""
+    VAE slicing/tiling (they change only the decode)."""
     for record in records:
         if record["spec"] == chosen.name:
             return record
