@@ -20,6 +20,7 @@ from autoquant.cliargs import (
     size_text,
     width_height,
 )
+from autoquant.console import progress_log
 from autoquant.errors import AutoquantError
 from autoquant.units import format_bytes, parse_size
 
@@ -195,10 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from autoquant.outputs import write_run
     from autoquant.tuning import options_from_args, tune
 
-    def log(message: str) -> None:
-        if not args.json:
-            print(message, file=sys.stderr, flush=True)
-
+    log = progress_log(not args.json)
     diffusers_logging.disable_progress_bar()  # per-component bars; the executor logs per tier
     options = options_from_args(
         args,

@@ -7,15 +7,15 @@ process. A tier that cannot run here for another reason is recorded with its err
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoquant import memory
 from autoquant.backends import BuildRequest, get_backend
+from autoquant.console import Log, progress_log
 from autoquant.errors import AutoquantError
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import Plan, PlannedTier
@@ -28,13 +28,8 @@ SMOKE_PROMPT = "a photo of an astronaut riding a horse on the moon"
 # Flux guidance goes through bf16 (3.5 → 3.504); 4.0 is exact.
 _FLUX_GUIDANCE = 4.0
 
-Log = Callable[[str], None]
 # After a failed tier is freed, CUDA memory should be back where it was (measured: 0–34 MB).
 _LEAK_TOLERANCE_BYTES = 64 * 2**20
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -323,7 +318,7 @@ def execute(
     Tiers labelled in ``skip`` (known to run out of memory here) are recorded, not built."""
     from autoquant import models
 
-    log = log or (_stderr if progress else (lambda _m: None))
+    log = log or progress_log(progress)
     if folder is None or inventory is None:
         source = models.resolve(plan.model)
         folder = folder or models.materialize(source, progress=progress)

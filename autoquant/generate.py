@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autoquant import memory
-from autoquant.executor import Log, Result, execute, pipeline_call_kwargs, turn_on
+from autoquant.console import Log
+from autoquant.executor import Result, execute, pipeline_call_kwargs, turn_on
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
+from autoquant.console import progress_log
 from autoquant.generate import guard
 from autoquant.tuning import DEFAULT_MODEL, TuneOptions, tune
 
@@ -24,10 +24,7 @@ def load(
     """
     tune_options = TuneOptions(model=model, **options)
 
-    def log(message: str) -> None:
-        if tune_options.progress:
-            print(message, file=sys.stderr, flush=True)
-
+    log = progress_log(tune_options.progress)
     result = tune(tune_options, log=log)
     pipe = guard(result, log) if oom_guard else result.pipeline
     # Pipelines are plain objects: the report rides along as an attribute users can read.

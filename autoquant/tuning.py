@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autoquant.console import Log
 from autoquant.errors import AutoquantError
-from autoquant.executor import Log, Result, SmokeSettings, execute
+from autoquant.executor import Result, SmokeSettings, execute
 from autoquant.planner.estimate import Request
 from autoquant.planner.plan import Plan, plan
 from autoquant.planner.rules import load_settings

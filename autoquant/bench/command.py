@@ -42,6 +42,7 @@ from autoquant.bench.budgets import (
 from autoquant.bench.report import write_reports
 from autoquant.bench.tier_run import TIERS_DIR, tier_result_path
 from autoquant.cliargs import EXIT_USAGE, Parser, positive_int, quiet_libraries, width_height
+from autoquant.console import progress_log
 from autoquant.errors import AutoquantError
 from autoquant.fsutil import write_text_atomic
 from autoquant.models.types import ModelInventory
@@ -111,8 +112,7 @@ def add_parser(subparsers: Any) -> None:
     add_arguments(p)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+_log = progress_log()  # the sweep always reports per tier; results go to OUT
 
 
 @dataclass
