@@ -179,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
     )
     started = time.perf_counter()
-    the_plan, _ = make_plan(options)
+    the_plan, _, _ = make_plan(options)
     if args.json:
         _print_json(the_plan.to_dict())
     else:

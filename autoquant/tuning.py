@@ -10,6 +10,7 @@ from typing import Any
 from autoquant.console import Log
 from autoquant.errors import AutoquantError
 from autoquant.executor import Result, SmokeSettings, execute
+from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import Request
 from autoquant.planner.plan import Plan, plan
 from autoquant.planner.rules import load_settings
@@ -108,14 +109,15 @@ def request_for(options: TuneOptions, settings: dict[str, Any], default_size: in
     )
 
 
-def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile]:
+def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile, ModelInventory]:
+    """The plan, the (possibly emulated) machine it is for, and the model it counted."""
     from autoquant import models
 
     settings = settings_for(options)
     profile = probe_for(options, settings)
     inventory = models.inventory(models.resolve(options.model))
     request = request_for(options, settings, inventory.default_size)
-    return plan(profile, inventory, settings, request), profile
+    return plan(profile, inventory, settings, request), profile, inventory
 
 
 def tune(options: TuneOptions, log: Log | None = None) -> Result:
@@ -133,7 +135,7 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
     )
 
     say = log or (lambda _m: None)
-    the_plan, profile = make_plan(options)
+    the_plan, profile, inventory = make_plan(options)
     if options.vram_limit:
         memory.cap_process_memory(the_plan.device, parse_size(options.vram_limit))
     source = models.resolve(options.model)
@@ -161,7 +163,7 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
         the_plan,
         profile,
         folder=folder,
-        inventory=models.inventory(source),
+        inventory=inventory,
         smoke=smoke,
         start=start,
         skip=skip,
