@@ -270,6 +270,15 @@ def test_full_size_counts_on_meta_without_ram() -> None:
     assert sdxl_unet.other_params == pytest.approx(0.333e9, rel=0.01)  # convs, norms, biases
     flux = inventories["flux-dev"]
     assert flux.denoiser.linear_params / flux.denoiser.params > 0.999
+    # T5's _keep_in_fp32_modules = ["wo"]: 24 blocks of a 10240 -> 4096 projection, which
+    # bitsandbytes and quanto leave unquantized. No diffusers model here keeps any.
+    kept = {c.name: c.kept_linear_params for c in flux.components}
+    assert kept == {
+        "text_encoder": 0,
+        "text_encoder_2": 24 * 10240 * 4096,
+        "transformer": 0,
+        "vae": 0,
+    }
     assert [(i.family, i.default_size, i.vae_scale_factor) for i in inventories.values()] == [
         ("sd", 512, 8),
         ("sdxl", 1024, 8),

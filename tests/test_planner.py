@@ -205,3 +205,45 @@ def test_cpu_compute_dtype_follows_bf16_units() -> None:
     settings = load_settings()
     result = plan(host, "builtin:tiny-sd", settings)
     assert result.chosen.tier.compute_dtype == ("bf16" if host.cpu.bf16 else "fp32")
+
+
+@pytest.mark.parametrize("vram", ["4GB", "6GB", "8GB", "12GB", "16GB", "24GB"])
+@pytest.mark.parametrize("model", ["builtin:sdxl", "builtin:flux-dev"])
+def test_bitsandbytes_is_never_paired_with_group_offload(
+    capsys: pytest.CaptureFixture[str], model: str, vram: str
+) -> None:
+    # NF4 + group offload crashed in its first generation (Flux-dev, H200): CUBLAS internal error.
+    data = plan_json(capsys, "--model", model, "--device", "cuda", "--vram", vram)
+    for tier in data["ladder"]:
+        assert not (tier["backend"] == "bitsandbytes" and "group_offload" in tier["memory_options"])
+
+
+def test_falling_down_the_ladder_prefers_model_offload_to_group_offload(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Flux-dev at 12 GB: quanto int8 does not fit even offloaded; torchao int8 would fit only
+    # with group offload, gguf q5_1 with model offload: take that.
+    data = plan_json(capsys, "--model", "builtin:flux-dev", "--device", "cuda", "--vram", "12GB")
+    chosen = data["chosen"]
+    assert (chosen["backend"], chosen["precision"]) == ("gguf", "q5_1")
+    assert "model_cpu_offload" in chosen["memory_options"]
+    # Below that only group offload is left, and the plan still finds it.
+    data = plan_json(capsys, "--model", "builtin:flux-dev", "--device", "cuda", "--vram", "6GB")
+    assert "group_offload" in data["chosen"]["memory_options"]
+    assert data["chosen"]["backend"] == "torchao"
+
+
+def test_bitsandbytes_with_offload_loads_every_quantized_component_on_the_gpu() -> None:
+    from autoquant.models import inventory, resolve
+    from autoquant.planner.estimate import Request, estimate
+    from autoquant.planner.tiers import Tier
+
+    inv = inventory(resolve("builtin:flux-dev"))
+    quantized = ("transformer", "text_encoder", "text_encoder_2")
+    request = Request(1024, 1024)
+    for backend, precision in (("bitsandbytes", "nf4"), ("torchao", "int8")):
+        tier = Tier(backend, precision, "bf16", quantized, ("model_cpu_offload",))
+        est = estimate(inv, tier, request, on_gpu=True)
+        on_gpu_at_load = sum(est.components[name] for name in quantized)
+        # bitsandbytes quantizes while loading onto the GPU; torchao quantizes where it loads.
+        assert (est.load_peak_bytes >= on_gpu_at_load) == (backend == "bitsandbytes")

@@ -116,15 +116,18 @@ def build_on_meta(library: str, class_name: str, config: dict[str, Any]) -> nn.M
     return model
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int, int]:
-    """(all parameters, nn.Linear weights, nn.Linear weights GGUF can quantize)."""
+def count_parameters(model: nn.Module) -> tuple[int, int, int, int]:
+    """(all parameters, nn.Linear weights, nn.Linear weights GGUF can quantize, nn.Linear
+    weights in the class's ``_keep_in_fp32_modules``)."""
     from torch import nn
 
     params = sum(p.numel() for p in model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    linear = sum(m.weight.numel() for m in linears)
-    gguf = sum(m.weight.numel() for m in linears if m.in_features % GGUF_BLOCK == 0)
-    return params, linear, gguf
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = sum(m.weight.numel() for m in linears.values())
+    gguf = sum(m.weight.numel() for m in linears.values() if m.in_features % GGUF_BLOCK == 0)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    kept = sum(m.weight.numel() for name, m in linears.items() if keep & set(name.split(".")))
+    return params, linear, gguf, kept
 
 
 def inventory(source: ModelSource) -> ModelInventory:
@@ -166,13 +169,15 @@ def folder_layout(folder: Path) -> PipelineLayout:
 def _count(layout: PipelineLayout) -> dict[str, Any]:
     components = []
     for name, (library, class_name) in counted_components(layout.model_index).items():
-        params, linear, gguf = count_parameters(
+        params, linear, gguf, kept = count_parameters(
             build_on_meta(library, class_name, layout.configs[name])
         )
         role = component_role(name)
         assert role is not None
         components.append(
-            ComponentInventory(name, role, library, class_name, params, linear, gguf).to_dict()
+            ComponentInventory(
+                name, role, library, class_name, params, linear, gguf, kept
+            ).to_dict()
         )
     if not any(c["role"] == "denoiser" for c in components):
         raise ModelNotFoundError("the pipeline has no unet or transformer component")

@@ -35,6 +35,9 @@ class ComponentInventory:
     params: int  # every parameter
     linear_params: int  # weights of nn.Linear modules: what diffusers' quantizers replace
     gguf_params: int  # the subset of linear_params whose in_features % 32 == 0 (GGUF-quantizable)
+    # The subset of linear_params in the class's _keep_in_fp32_modules (T5's "wo"), which the
+    # bitsandbytes and quanto quantizers leave unquantized.
+    kept_linear_params: int
 
     @property
     def other_params(self) -> int:
@@ -51,6 +54,7 @@ class ComponentInventory:
             "params": self.params,
             "linear_params": self.linear_params,
             "gguf_params": self.gguf_params,
+            "kept_linear_params": self.kept_linear_params,
         }
 
 

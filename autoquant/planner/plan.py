@@ -16,8 +16,16 @@ from autoquant.units import format_bytes
 
 GB = 1e9
 # Group offload leaves quantized weights behind in diffusers 0.42.1: GGUF fails with KeyError
-# None (shared notes), quanto with "mat2 is on cpu" (measured on an H200, tests/test_gpu.py).
-_GROUP_OFFLOAD_BACKENDS = {"none", "torchao", "bitsandbytes"}
+# None (shared notes), quanto with "mat2 is on cpu" (measured on an H200, tests/test_gpu.py),
+# bitsandbytes NF4 with "CUBLAS_STATUS_INTERNAL_ERROR when calling cublasCreate" in its first
+# generation (Flux-dev on an H200, docs/benchmarks.md).
+_GROUP_OFFLOAD_BACKENDS = {"none", "torchao"}
+# Memory options by what they cost in speed, cheapest first. Falling down the ladder tries every
+# tier at one cost before any tier at the next: model offload moves each component once per
+# generation, group offload streams the weights on every step (Flux-dev torchao int8 with group
+# offload did not finish 16 transformer forwards in 48 s on an H200; gguf q5_1 with model offload
+# takes ~0.6 s a step).
+_OFFLOAD_COSTS = (None, "model_cpu_offload", "group_offload")
 # Backends that can quantize transformers text encoders through transformers' own configs.
 _TEXT_ENCODER_QUANTIZERS = {"quanto", "bitsandbytes", "torchao"}
 
@@ -206,10 +214,27 @@ def _fits(ctx: _Context, est: Estimate, device_map: str | None) -> bool:
     return est.required_bytes <= ctx.budget
 
 
-def _fit(ctx: _Context, backend: str, precision: str, *, allow_shrink: bool = True) -> PlannedTier:
-    """The first variant of a tier that fits the budget, or the smallest one marked not fitting."""
+def _offload_cost(tier: Tier) -> int:
+    """Index in _OFFLOAD_COSTS of the costliest offloading the tier uses."""
+    return max(
+        (i for i, option in enumerate(_OFFLOAD_COSTS) if option in tier.memory_options), default=0
+    )
+
+
+def _fit(
+    ctx: _Context,
+    backend: str,
+    precision: str,
+    *,
+    allow_shrink: bool = True,
+    max_offload_cost: int = len(_OFFLOAD_COSTS) - 1,
+) -> PlannedTier:
+    """The first variant of a tier that fits the budget (offloading at most as costly as
+    ``max_offload_cost``), or the smallest one tried, marked not fitting."""
     last: PlannedTier | None = None
     for tier, device_map, _ in _variants(ctx, _base_tier(ctx, backend, precision)):
+        if _offload_cost(tier) > max_offload_cost:
+            break
         est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
         planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
         if planned.fits:
@@ -296,13 +321,14 @@ def _choose(ctx: _Context) -> PlannedTier:
         ctx.path.append(line)
     if chosen.fits:
         return chosen
-    for entry in ladder_entries(settings):
-        if _unusable_reason(ctx, *entry):
-            continue
-        candidate = _fit(ctx, *entry)
-        if candidate.fits:
-            ctx.path.append(f"→ falling down the ladder: {_describe_fit(ctx, candidate)}")
-            return candidate
+    for cost in range(len(_OFFLOAD_COSTS)):
+        for entry in ladder_entries(settings):
+            if _unusable_reason(ctx, *entry):
+                continue
+            candidate = _fit(ctx, *entry, max_offload_cost=cost)
+            if candidate.fits:
+                ctx.path.append(f"→ falling down the ladder: {_describe_fit(ctx, candidate)}")
+                return candidate
     raise AutoquantError(
         f"no tier of {ctx.inventory.source.spec} fits the memory budget "
         f"{format_bytes(ctx.budget)} at {ctx.request.width}x{ctx.request.height}: the smallest, "

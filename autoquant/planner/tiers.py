@@ -87,6 +87,11 @@ class WeightFormat:
     quantizes_all_linear: bool = True  # False for GGUF: only in_features % 32 == 0
     activation_factor: float = 1.0  # activation memory relative to bf16 compute
     load_peak_factor: float = 0.0  # load peak as a fraction of the bf16 size (0: no spike)
+    # Leaves the class's _keep_in_fp32_modules (T5's "wo") unquantized, at compute precision.
+    skips_kept_modules: bool = False
+    # Quantizes while loading onto the GPU: with offloading, every quantized component is on the
+    # GPU at once until the offload hooks move it off.
+    quantizes_on_device: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -101,14 +106,22 @@ def _per_block(block_bytes: int, block: int) -> float:
 #   weights, so loading peaks at about 0.58× the bf16 model (measured 12.35 GiB for Flux-dev).
 # - GGUF: Q8_0 is 34 bytes per 32 weights, Q5_1 24, Q5_0 22, Q4_1 20, Q4_0 18.
 # - Dynamic-activation fp8 (torchao) and bnb int8 hold quantized copies of activations.
+# - transformers' bitsandbytes and quanto quantizers skip _keep_in_fp32_modules; torchao does
+#   not (Flux-dev with T5 quantized on an H200: bnb/quanto int8 weights 18.2 GB, torchao 17.2).
 QUANT_FORMATS: dict[tuple[str, str], WeightFormat] = {
-    ("quanto", "int8"): WeightFormat(1.0),
-    ("quanto", "mixed"): WeightFormat(1.0),
-    ("quanto", "float8"): WeightFormat(1.0),
-    ("quanto", "int4"): WeightFormat(0.5 + 4 / 128, load_peak_factor=0.58),
-    ("bitsandbytes", "nf4"): WeightFormat(0.5 + 4 / 64),
-    ("bitsandbytes", "fp4"): WeightFormat(0.5 + 4 / 64),
-    ("bitsandbytes", "int8"): WeightFormat(1.0, activation_factor=1.45),
+    ("quanto", "int8"): WeightFormat(1.0, skips_kept_modules=True),
+    ("quanto", "mixed"): WeightFormat(1.0, skips_kept_modules=True),
+    ("quanto", "float8"): WeightFormat(1.0, skips_kept_modules=True),
+    ("quanto", "int4"): WeightFormat(0.5 + 4 / 128, load_peak_factor=0.58, skips_kept_modules=True),
+    ("bitsandbytes", "nf4"): WeightFormat(
+        0.5 + 4 / 64, skips_kept_modules=True, quantizes_on_device=True
+    ),
+    ("bitsandbytes", "fp4"): WeightFormat(
+        0.5 + 4 / 64, skips_kept_modules=True, quantizes_on_device=True
+    ),
+    ("bitsandbytes", "int8"): WeightFormat(
+        1.0, activation_factor=1.45, skips_kept_modules=True, quantizes_on_device=True
+    ),
     ("torchao", "int8"): WeightFormat(1.0),
     ("torchao", "float8"): WeightFormat(1.0, activation_factor=1.8),
     ("gguf", "q8_0"): WeightFormat(_per_block(34, 32), quantizes_all_linear=False),
