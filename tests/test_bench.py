@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,23 @@ def test_resume_and_report_only_reuse_the_measured_tiers(sweep: Path) -> None:
     assert [row["budget_gb"] for row in _bench(sweep)["budgets"]] == [6.0]
     assert bench_command.main([*args, "--out", str(sweep), "--report-only"]) == 0
     assert len(_bench(sweep)["budgets"]) == 8  # the default budgets
+
+
+def test_report_only_judges_old_measurements_with_the_current_estimator(
+    sweep: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(sweep, out)
+    path = out / "tiers" / "gguf-q8_0.json"
+    record = json.loads(path.read_text())
+    record["estimate"]["required_bytes"], record["estimate_error_pct"] = 1, 999.0
+    path.write_text(json.dumps(record))
+    args = ["--model", "builtin:tiny-sd", "--size", "64x64", "--out", str(out), "--report-only"]
+    assert bench_command.main(args) == 0
+    row = _tiers(out)["gguf:q8_0"]
+    assert row["estimate_error_pct_when_measured"] == 999.0
+    assert row["estimate"]["required_bytes"] > 1 and abs(row["estimate_error_pct"]) < 999
+    assert "estimate_error_pct_when_measured" not in _tiers(out)["gguf:q4_0"]
 
 
 def _fake_children(monkeypatch: pytest.MonkeyPatch, code: str) -> None:

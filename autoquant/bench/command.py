@@ -404,16 +404,17 @@ def _refresh_estimate(row: dict[str, Any], inventory: ModelInventory) -> None:
     """The estimate of today's estimator: a report rebuilt with --report-only after an
     estimator change compares the new estimates with the old measurements. What the estimate
     missed by when the tier was measured stays in ``estimate_error_pct_when_measured``."""
-    if row.get("status") != "ok":
+    if "request" not in row:  # the tier's process died before it wrote its record
         return
     device = row["device"]
     est = estimate(inventory, record_tier(row), Request(**row["request"]), on_gpu=device != "cpu")
+    row["estimate"] = est.to_dict()
     error = estimate_error_pct(est, row, on_cuda=device == "cuda")
     if error is None:
         return
     if row.get("estimate_error_pct") is not None and abs(row["estimate_error_pct"] - error) > 0.05:
         row["estimate_error_pct_when_measured"] = row["estimate_error_pct"]
-    row["estimate"], row["estimate_error_pct"] = est.to_dict(), error
+    row["estimate_error_pct"] = error
 
 
 def _write(sweep: _Sweep) -> dict[str, Any]:
