@@ -10,7 +10,8 @@ Steps, in order:
 2. a 2-step generation that records the denoiser's first call — its real inputs at the request's
    latent size and batch, CFG doubling included — and warms everything up;
 3. with +compile, the denoiser is compiled now (its first call is timed as compile time);
-4. --repeats denoiser forwards on the recorded inputs, after two warm-up forwards;
+4. --repeats denoiser forwards on the recorded inputs, after two warm-up forwards (then every
+   component goes back where a pipeline call leaves it: with model offload, off the GPU);
 5. the timed generation: end-to-end seconds, peak memory, the image;
 6. fidelity (fidelity.py): the denoiser on the reference's saved inputs, the image against the
    reference's, per-layer error against the fp32 weights on disk. The reference tier runs first
