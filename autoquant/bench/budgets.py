@@ -11,7 +11,7 @@ from typing import Any
 from autoquant.bench import TierSpec
 from autoquant.errors import AutoquantError
 from autoquant.models.types import ModelInventory
-from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request, estimate
+from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Estimate, Request, estimate
 from autoquant.planner.plan import plan
 from autoquant.planner.tiers import Tier
 from autoquant.probe.emulate import emulate
@@ -68,8 +68,12 @@ def fit_bytes(record: dict[str, Any], inventory: ModelInventory, on_cuda: bool) 
     if on_cuda:
         peak = max(record["peak_bytes"], record["load_peak_bytes"] or 0)
         return int(peak + CUDA_CONTEXT_BYTES)
-    request = Request(**record["request"])
-    return estimate(inventory, record_tier(record), request, on_gpu=True).required_bytes
+    return record_estimate(record, inventory, on_gpu=True).required_bytes
+
+
+def record_estimate(record: dict[str, Any], inventory: ModelInventory, *, on_gpu: bool) -> Estimate:
+    """Today's estimate for the tier and request a measured record ran."""
+    return estimate(inventory, record_tier(record), Request(**record["request"]), on_gpu=on_gpu)
 
 
 def _fits(need: int | None, limit: int) -> bool:

@@ -38,7 +38,7 @@ from autoquant.bench.budgets import (
     confirm_targets,
     fit_bytes,
     parse_budgets,
-    record_tier,
+    record_estimate,
 )
 from autoquant.bench.report import write_reports
 from autoquant.bench.tier_run import TIERS_DIR, estimate_error_pct, tier_result_path
@@ -47,7 +47,7 @@ from autoquant.console import progress_log
 from autoquant.errors import AutoquantError
 from autoquant.fsutil import write_text_atomic
 from autoquant.models.types import ModelInventory
-from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request, estimate
+from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request
 from autoquant.planner.tiers import PRECISIONS, PROBE_NAMES
 from autoquant.probe.types import HardwareProfile
 
@@ -407,7 +407,7 @@ def _refresh_estimate(row: dict[str, Any], inventory: ModelInventory) -> None:
     if "request" not in row:  # the tier's process died before it wrote its record
         return
     device = row["device"]
-    est = estimate(inventory, record_tier(row), Request(**row["request"]), on_gpu=device != "cpu")
+    est = record_estimate(row, inventory, on_gpu=device != "cpu")
     row["estimate"] = est.to_dict()
     error = estimate_error_pct(est, row, on_cuda=device == "cuda")
     if error is None:
