@@ -202,6 +202,7 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
                 "adjustments": [],
                 "tried": [{"label": "none bf16", "outcome": "chosen"}],
                 "measured": {"peak_bytes": 10},
+                "probe": {"gpus": [{"name": "Made-up GPU"}]},
             }
             return bench_command.ChildOutcome(0, False, json.dumps(report), [], 1.0)
 
@@ -238,8 +239,19 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
     ]
     run_4gb = commands[-2]
     assert run_4gb[run_4gb.index("--vram-limit") + 1] == "4GB"
+    assert bench["run_plan"][0]["card"] == "Made-up GPU"
     text = (tmp_path / "bench.md").read_text()
     assert "--confirm" in text and "--run-plan" in text and "**no**" in text
+    # Each entry is its own file, so calls on fresh machines merge: unpacked into one folder,
+    # --report-only finds them all.
+    merged = tmp_path / "merged"
+    for part in ("tiers", "confirm", "runs"):
+        shutil.copytree(tmp_path / part, merged / part)
+    (merged / "runs" / "4GB.json").unlink()
+    assert bench_command.main([*args, "--out", str(merged), "--report-only"]) == 0
+    rebuilt = _bench(merged)
+    assert rebuilt["confirm"] == bench["confirm"]
+    assert [r["budget_gb"] for r in rebuilt["run_plan"]] == [16.0]
 
 
 def test_the_time_limit_leaves_tiers_for_resume(tmp_path: Path) -> None:
@@ -312,6 +324,14 @@ def test_budget_rows_on_a_gpu_judge_measured_peaks_and_the_latency_ratio() -> No
         _record("none:bf16+compile", peak=0.6, ms=1.0, error=2.3e-3),
         # Offloading: the UNet step is as fast as bf16's, the whole generation is not.
         _record("none:bf16+model_cpu_offload", peak=0.4, ms=2.0, error=2.3e-3, e2e_seconds=9.0),
+        # Timed in another call at 2 steps: its generation is not comparable with 4-step ones.
+        _record(
+            "quanto:int8",
+            peak=0.6,
+            ms=1.0,
+            error=0.0,
+            request={"width": 64, "height": 64, "batch": 1, "steps": 2},
+        ),
     ]
     rows = budget_rows(
         records,
@@ -391,3 +411,11 @@ def test_denoiser_call_round_trips_without_pickles(tmp_path: Path) -> None:
     assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
     assert kwargs["return_dict"] is False and kwargs["x"] is None
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
+
+
+def test_a_tier_timed_at_another_step_count_says_so() -> None:
+    from autoquant.bench.report import _e2e_cell
+
+    record = _record("quanto:int8", peak=0.6, ms=10.0, error=1e-2)
+    assert _e2e_cell(record, steps=4) == "0.04"
+    assert _e2e_cell(record, steps=50) == "0.04 (4 steps)"

@@ -163,8 +163,8 @@ def budget_rows(
 
 
 def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[str, Any]:
-    """The plan's tier against the fastest fitting tier whose per-layer error is no worse
-    (compiled tiers left out: the planner never compiles)."""
+    """The plan's tier against the fastest fitting tier whose per-layer error is no worse and
+    whose generation ran as many steps (compiled tiers left out: the planner never compiles)."""
     out: dict[str, Any] = {
         "plan_measured_as": measured["spec"],
         "plan_fits_measured": measured in fitting,
@@ -173,10 +173,14 @@ def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[st
     error, latency = _per_layer_error(measured), _latency(measured)
     if error is None or latency is None:
         return out
+    # Whole generations compare only at one step count (calls may have run different ones).
     candidates = [
         r
         for r in fitting
-        if not r.get("compile") and _latency(r) is not None and _no_worse(r, error)
+        if not r.get("compile")
+        and _latency(r) is not None
+        and _no_worse(r, error)
+        and r["request"]["steps"] == measured["request"]["steps"]
     ]
     if candidates:
         best = min(candidates, key=lambda r: _latency(r) or 0.0)

@@ -55,6 +55,9 @@ DEFAULT_OUT = Path("autoquant-bench")
 # A tier started with less time than this left would only be killed at the time limit.
 MIN_TIER_SECONDS = 30
 CONFIRM_REPEATS = 3
+# One JSON per --confirm / --run-plan entry under OUT (the children's own outputs beside them).
+CONFIRM_DIR = "confirm"
+RUNS_DIR = "runs"
 _TAIL_LINES = 20
 
 
@@ -196,8 +199,6 @@ class _Sweep:
     deadline: float | None
     pending: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    confirm: list[dict[str, Any]] = field(default_factory=list)
-    run_plan: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -394,8 +395,8 @@ def _bench(sweep: _Sweep) -> dict[str, Any]:
             request=request,
             on_cuda=on_cuda,
         ),
-        "confirm": sweep.confirm,
-        "run_plan": sweep.run_plan,
+        "confirm": _load_entries(sweep.out / CONFIRM_DIR),
+        "run_plan": _load_entries(sweep.out / RUNS_DIR),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
 
@@ -423,6 +424,31 @@ def _write(sweep: _Sweep) -> dict[str, Any]:
     return bench
 
 
+def _load_entries(folder: Path) -> list[dict[str, Any]]:
+    """The --confirm or --run-plan entries in ``folder`` (one JSON each, so calls on different
+    machines merge by unpacking their folders into one), by budget then tier."""
+    entries = []
+    for path in folder.glob("*.json"):
+        try:
+            entries.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            _log(f"skipping unreadable {path}: {err}")
+    return sorted(entries, key=lambda e: (e["budget_gb"], e.get("spec", "")))
+
+
+def _save_entry(path: Path, entry: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(entry, indent=1) + "\n")
+
+
+def _stopped_by_deadline(sweep: _Sweep, outcome: ChildOutcome, flag: str, what: str) -> bool:
+    """A child the sweep's time limit killed did not fail: say so, record no entry."""
+    if outcome.timed_out and sweep.child_timeout()[1]:
+        sweep.notes.append(f"{flag} stopped at the time limit during {what}")
+        return True
+    return False
+
+
 def _confirm(sweep: _Sweep, rows: list[dict[str, Any]]) -> None:
     """Rerun each budget's edge tier with the CUDA allocator capped at the budget less the
     CUDA context (which a real card of that size must also hold)."""
@@ -433,25 +459,29 @@ def _confirm(sweep: _Sweep, rows: list[dict[str, Any]]) -> None:
             return
         spec = TierSpec.parse(name)
         cap = int(budget * GB) - CUDA_CONTEXT_BYTES
-        path = sweep.out / "confirm" / f"{budget:g}GB-{spec.file_stem}.json"
-        path.unlink(missing_ok=True)
+        stem = f"{budget:g}GB-{spec.file_stem}"
+        entry_path = sweep.out / CONFIRM_DIR / f"{stem}.json"
+        record_path = sweep.out / CONFIRM_DIR / "records" / f"{stem}.json"
+        for stale in (entry_path, record_path):
+            stale.unlink(missing_ok=True)
         _log(f"confirm {name} under a {budget:g} GB card ({cap / GB:.2f} GB allocator cap) …")
-        extra = ["--no-fidelity", "--vram-cap", str(cap), "--result", str(path)]
+        extra = ["--no-fidelity", "--vram-cap", str(cap), "--result", str(record_path)]
         outcome = run_child(
             _tier_command(sweep, spec, CONFIRM_REPEATS, extra), sweep.child_timeout()[0]
         )
-        record = json.loads(path.read_text()) if path.exists() else {}
+        if _stopped_by_deadline(sweep, outcome, "--confirm", f"{name} at {budget:g} GB"):
+            return
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
         peaks = [record.get("peak_bytes"), record.get("load_peak_bytes")]
-        sweep.confirm.append(
-            {
-                "budget_gb": budget,
-                "spec": name,
-                "cap_bytes": cap,
-                "status": record.get("status", "timeout" if outcome.timed_out else "crashed"),
-                "error": record.get("error") if record else _outcome_error(outcome),
-                "peak_bytes": max((p for p in peaks if p is not None), default=None),
-            }
-        )
+        entry = {
+            "budget_gb": budget,
+            "spec": name,
+            "cap_bytes": cap,
+            "status": record.get("status", "timeout" if outcome.timed_out else "crashed"),
+            "error": record.get("error") if record else _outcome_error(outcome),
+            "peak_bytes": max((p for p in peaks if p is not None), default=None),
+        }
+        _save_entry(entry_path, entry)
         _write(sweep)
 
 
@@ -463,6 +493,8 @@ def _run_plan(sweep: _Sweep) -> None:
         if left is not None and left < MIN_TIER_SECONDS:
             sweep.notes.append(f"--run-plan stopped at the time limit before {budget:g} GB")
             return
+        entry_path = sweep.out / RUNS_DIR / f"{budget:g}GB.json"
+        entry_path.unlink(missing_ok=True)
         _log(f"autoquant run under a {budget:g} GB cap …")
         command = [
             sys.executable,
@@ -480,12 +512,15 @@ def _run_plan(sweep: _Sweep) -> None:
             "--vram-limit",
             f"{budget:g}GB",
             "--out",
-            str(sweep.out / "runs" / f"{budget:g}GB"),
+            str(sweep.out / RUNS_DIR / f"{budget:g}GB"),
             "--json",
         ]
         outcome = run_child(command, sweep.child_timeout()[0])
+        if _stopped_by_deadline(sweep, outcome, "--run-plan", f"the {budget:g} GB run"):
+            return
         entry: dict[str, Any] = {
             "budget_gb": budget,
+            "request": request.to_dict(),
             "completed": False,
             "seconds": outcome.seconds,
             "error": None,
@@ -503,8 +538,9 @@ def _run_plan(sweep: _Sweep) -> None:
                 adjustments=report["adjustments"],
                 tried=[f"{a['label']}: {a['outcome']}" for a in report["tried"]],
                 peak_bytes=report["measured"]["peak_bytes"],
+                card=next((g["name"] for g in report["probe"]["gpus"]), None),
             )
-        sweep.run_plan.append(entry)
+        _save_entry(entry_path, entry)
         _write(sweep)
 
 

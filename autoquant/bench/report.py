@@ -30,7 +30,9 @@ DEFINITIONS = (
     "latency ratio = the plan's tier's end-to-end generation time / the fastest tier (end to end) "
     "that fits the budget "
     "with a per-layer error no worse than the plan's (compiled tiers left out: the planner "
-    "never compiles); 1.00 means the plan picked the fastest.",
+    "never compiles); 1.00 means the plan picked the fastest. Generations compare only at one "
+    "step count: a tier timed at another (another call's request) says so in its e2e cell, "
+    "is left out of the plot and is compared only with tiers of its own step count.",
 )
 
 
@@ -134,7 +136,7 @@ def _tier_table(bench: dict[str, Any]) -> list[str]:
                     _gb((r.get("estimate") or {}).get("required_bytes")),
                     _num(r.get("estimate_error_pct"), "+.0f"),
                     step,
-                    _num(r.get("e2e_seconds"), ".2f"),
+                    _e2e_cell(r, bench["request"]["steps"]),
                     _num(r.get("load_seconds"), ".1f"),
                     _gb(r.get("denoiser_file_bytes")),
                     _num(fid.get("per_layer_error_median"), ".1e"),
@@ -194,6 +196,17 @@ def _budget_table(bench: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _steps(record: dict[str, Any]) -> int | None:
+    return (record.get("request") or {}).get("steps")
+
+
+def _e2e_cell(record: dict[str, Any], steps: int) -> str:
+    """A tier timed at another step count (another call's request) says so."""
+    cell = _num(record.get("e2e_seconds"), ".2f")
+    own = _steps(record)
+    return cell if own in (None, steps) or cell == "–" else f"{cell} ({own} steps)"
+
+
 def _confirm_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         _row(["budget GB", "tier", "allocator cap GB", "outcome", "peak GB"]),
@@ -217,8 +230,8 @@ def _confirm_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _run_plan_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        _row(["budget GB", "completed", "ended on", "adjustments", "seconds"]),
-        _row(["---"] * 5),
+        _row(["budget GB", "completed", "ended on", "adjustments", "peak GB", "steps", "seconds"]),
+        _row(["---"] * 7),
     ]
     for run in rows:
         done = "yes" if run["completed"] else f"**no**: {run.get('error')}"
@@ -229,6 +242,8 @@ def _run_plan_table(rows: list[dict[str, Any]]) -> list[str]:
                     done,
                     run.get("chosen") or "–",
                     "; ".join(run.get("adjustments") or []) or "none",
+                    _gb(run.get("peak_bytes")),
+                    str((run.get("request") or {}).get("steps", "–")),
                     _num(run.get("seconds"), ".1f"),
                 ]
             )
@@ -282,8 +297,11 @@ def pareto_png(bench: dict[str, Any]) -> bytes:
 
     # End-to-end time, as the plans are compared on (budgets.py): the denoiser's step time
     # would hide what offloading costs.
+    steps = bench["request"]["steps"]
     measured = [
-        r for r in bench["tiers"] if r.get("fit_bytes") is not None and r.get("e2e_seconds")
+        r
+        for r in bench["tiers"]
+        if r.get("fit_bytes") is not None and r.get("e2e_seconds") and _steps(r) == steps
     ]
     fig, ax = plt.subplots(figsize=(11, 7))
     for index, r in enumerate(measured):
