@@ -21,6 +21,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, UNet2DConditionModel
 
+from autoquant import gguf_convert
 from autoquant.errors import AutoquantError, CacheCorruptError
 from autoquant.gguf_convert import GGUF_QTYPES, check_gguf, convert_denoiser, denoiser_subfolder
 from autoquant.identity import component_identity, model_identity
@@ -415,3 +416,20 @@ def test_importing_the_module_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_threaded_encoding_writes_the_same_bytes_as_one_thread(
+    unet_case: tuple[Path, UNet2DConditionModel],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensors encode on several threads but must land in plan order: the file is byte for byte
+    what a single thread writes."""
+    folder, _model = unet_case
+    files = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(gguf_convert, "encode_threads", lambda n=threads: n)
+        files[threads] = convert_denoiser(
+            folder, "q5_1", cache_root=tmp_path / str(threads), progress=False
+        ).path.read_bytes()
+    assert files[1] == files[3]

@@ -444,7 +444,9 @@ def _save_entry(path: Path, entry: dict[str, Any]) -> None:
 def _stopped_by_deadline(sweep: _Sweep, outcome: ChildOutcome, flag: str, what: str) -> bool:
     """A child the sweep's time limit killed did not fail: say so, record no entry."""
     if outcome.timed_out and sweep.child_timeout()[1]:
-        sweep.notes.append(f"{flag} stopped at the time limit during {what}")
+        sweep.notes.append(
+            f"{flag} stopped at the time limit during {what}, {outcome.seconds:.0f} s in"
+        )
         return True
     return False
 
@@ -540,6 +542,8 @@ def _run_plan(sweep: _Sweep) -> None:
                 peak_bytes=report["measured"]["peak_bytes"],
                 card=next((g["name"] for g in report["probe"]["gpus"]), None),
             )
+        done = f"ended on {entry['chosen']}" if report else "did not complete"
+        _log(f"autoquant run under {budget:g} GB: {done} after {outcome.seconds:.0f} s")
         _save_entry(entry_path, entry)
         _write(sweep)
 
