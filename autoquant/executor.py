@@ -138,11 +138,28 @@ def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
     if "model_cpu_offload" in options:
         pipe.enable_model_cpu_offload(device=device)
     elif "group_offload" in options:
-        pipe.enable_group_offload(
-            onload_device=torch.device(device),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-        )
+        enable_group_offload(pipe, torch.device(device))
+
+
+def enable_group_offload(pipe: Any, onload_device: Any) -> None:
+    """Block-level group offload of every component, one block per group, with the text
+    encoders streamed layer by layer too (autoquant.models.groups says why)."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    from autoquant.models.groups import block_modules
+
+    options: dict[str, Any] = {
+        "onload_device": onload_device,
+        "offload_type": "block_level",
+        "num_blocks_per_group": 1,
+    }
+    for component in pipe.components.values():
+        if hasattr(component, "enable_group_offload"):  # a diffusers model: as the pipeline does
+            component.enable_group_offload(**options)
+        elif isinstance(component, torch.nn.Module):
+            path = block_modules(component, "transformers")
+            apply_group_offloading(component, block_modules=path, **options)
 
 
 def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from autoquant.errors import ModelNotFoundError
 from autoquant.fsutil import write_text_atomic
 from autoquant.models.builtin import load_builtin
+from autoquant.models.groups import resident_params
 from autoquant.models.source import download_from_hub
 from autoquant.models.types import ComponentInventory, Family, ModelInventory, ModelSource, Role
 from autoquant.paths import cache_dir
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Bump when what is counted, or how, changes: old cache entries then stop matching.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: group_resident_params
 GGUF_BLOCK = 32  # GGUF quantizes a weight only if its last dim (in_features) is a multiple of this
 
 FAMILIES: dict[str, Family] = {
@@ -169,14 +170,14 @@ def folder_layout(folder: Path) -> PipelineLayout:
 def _count(layout: PipelineLayout) -> dict[str, Any]:
     components = []
     for name, (library, class_name) in counted_components(layout.model_index).items():
-        params, linear, gguf, kept = count_parameters(
-            build_on_meta(library, class_name, layout.configs[name])
-        )
+        model = build_on_meta(library, class_name, layout.configs[name])
+        params, linear, gguf, kept = count_parameters(model)
+        resident = resident_params(model, library)
         role = component_role(name)
         assert role is not None
         components.append(
             ComponentInventory(
-                name, role, library, class_name, params, linear, gguf, kept
+                name, role, library, class_name, params, linear, gguf, kept, resident
             ).to_dict()
         )
     if not any(c["role"] == "denoiser" for c in components):

@@ -38,6 +38,8 @@ class ComponentInventory:
     # The subset of linear_params in the class's _keep_in_fp32_modules (T5's "wo"), which the
     # bitsandbytes and quanto quantizers leave unquantized.
     kept_linear_params: int
+    # What block-level group offload keeps on the device at once (models/groups.py).
+    group_resident_params: int
 
     @property
     def other_params(self) -> int:
@@ -55,6 +57,7 @@ class ComponentInventory:
             "linear_params": self.linear_params,
             "gguf_params": self.gguf_params,
             "kept_linear_params": self.kept_linear_params,
+            "group_resident_params": self.group_resident_params,
         }
 
 

@@ -33,9 +33,6 @@ _FP32_ACTIVATION_FACTOR = 1.7
 _VAE_DECODE_PER_PIXEL = 2_500
 # Tiled VAE decode works on tiles of this many output pixels (executor.VAE_TILE_PIXELS a side).
 _VAE_TILE_PIXELS = 512 * 512
-# Group offload keeps about this fraction of a component's weights on the device at once
-# (block-level groups streamed ahead of use). Rough: depends on the largest block.
-_GROUP_OFFLOAD_RESIDENT = 0.15
 # Allocator rounding and per-tensor padding seen on top of the raw weight bytes (~1%).
 _ALLOCATOR_OVERHEAD = 1.01
 
@@ -180,8 +177,11 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         return decode if name == vae_name else 0
 
     if on_gpu and "group_offload" in tier.memory_options:
+        # A component's groups hold about its share of the weight bytes: quantization shrinks
+        # the blocks' Linear layers and the unmatched groups' alike (models/groups.py).
+        components = {c.name: c for c in inventory.components}
         resident = {
-            name: int(size * _GROUP_OFFLOAD_RESIDENT) if name != vae_name else size
+            name: size * components[name].group_resident_params // max(components[name].params, 1)
             for name, size in sizes.items()
         }
         peak = max(resident[name] + active(name) for name in sizes)
