@@ -179,12 +179,11 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
     if on_gpu and "group_offload" in tier.memory_options:
         # A component's groups hold about its share of the weight bytes: quantization shrinks
         # the blocks' Linear layers and the unmatched groups' alike (models/groups.py).
-        components = {c.name: c for c in inventory.components}
-        resident = {
-            name: size * components[name].group_resident_params // max(components[name].params, 1)
-            for name, size in sizes.items()
-        }
-        peak = max(resident[name] + active(name) for name in sizes)
+        def resident(name: str, size: int) -> int:
+            component = inventory.component(name)
+            return size * component.group_resident_params // max(component.params, 1)
+
+        peak = max(resident(name, size) + active(name) for name, size in sizes.items())
     elif on_gpu and "model_cpu_offload" in tier.memory_options:
         peak = max(size + active(name) for name, size in sizes.items())
     else:
