@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -184,27 +186,33 @@ def test_a_crashed_or_hung_tier_is_recorded_and_the_sweep_goes_on(
     assert {t["status"] for t in _tiers(out).values()} == {"timeout"}
 
 
-def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The CUDA-only orchestration, with the GPU faked: children write made-up results."""
-    from autoquant.bench.tier_run import tier_result_path
-    from autoquant.planner.estimate import CUDA_CONTEXT_BYTES
+_PEAKS = {"none:bf16": 9.0, "bitsandbytes:nf4": 3.0}
 
-    peaks = {"none:bf16": 9.0, "bitsandbytes:nf4": 3.0}
-    commands: list[list[str]] = []
+
+def _completed_run(_command: list[str]) -> bench_command.ChildOutcome:
+    report = {
+        "chosen": {"label": "none bf16"},
+        "adjustments": [],
+        "tried": [{"label": "none bf16", "outcome": "chosen"}],
+        "measured": {"peak_bytes": 10},
+        "probe": {"gpus": [{"name": "Made-up GPU"}]},
+    }
+    return bench_command.ChildOutcome(0, False, json.dumps(report), [], 1.0)
+
+
+def _fake_gpu_children(
+    monkeypatch: pytest.MonkeyPatch,
+    commands: list[list[str]],
+    autoquant_run: Callable[[list[str]], bench_command.ChildOutcome] = _completed_run,
+) -> None:
+    """Fake the GPU: tier children write made-up records, `autoquant run` children answer
+    what ``autoquant_run`` says."""
+    from autoquant.bench.tier_run import tier_result_path
 
     def fake_child(command: list[str], timeout: float | None) -> bench_command.ChildOutcome:
         commands.append(command)
         if "autoquant.bench.tier_run" not in command:  # autoquant run --json
-            report = {
-                "chosen": {"label": "none bf16"},
-                "adjustments": [],
-                "tried": [{"label": "none bf16", "outcome": "chosen"}],
-                "measured": {"peak_bytes": 10},
-                "probe": {"gpus": [{"name": "Made-up GPU"}]},
-            }
-            return bench_command.ChildOutcome(0, False, json.dumps(report), [], 1.0)
+            return autoquant_run(command)
 
         def value(flag: str) -> str | None:
             return command[command.index(flag) + 1] if flag in command else None
@@ -212,7 +220,7 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
         spec = TierSpec.parse(str(value("--spec")))
         path = Path(value("--result") or tier_result_path(Path(str(value("--out"))), spec))
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = _record(spec.name, peak=peaks[spec.name], ms=10.0, error=1e-2)
+        record = _record(spec.name, peak=_PEAKS[spec.name], ms=10.0, error=1e-2)
         record["latency_ms"].update(min=9.0, max=11.0, repeats=10)
         record.update(reference="--reference" in command, device="cuda")
         path.write_text(json.dumps(record))
@@ -220,6 +228,16 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
 
     monkeypatch.setattr(bench_command, "bench_device", lambda _profile: "cuda")
     monkeypatch.setattr(bench_command, "run_child", fake_child)
+
+
+def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA-only orchestration, with the GPU faked: children write made-up results."""
+    from autoquant.planner.estimate import CUDA_CONTEXT_BYTES
+
+    commands: list[list[str]] = []
+    _fake_gpu_children(monkeypatch, commands)
     args = ["--model", "builtin:tiny-sd", "--tiers", "bitsandbytes:nf4", "--budgets", "4,16"]
     assert bench_command.main([*args, "--out", str(tmp_path), "--confirm", "--run-plan"]) == 0
     bench = _bench(tmp_path)
@@ -252,6 +270,28 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
     rebuilt = _bench(merged)
     assert rebuilt["confirm"] == bench["confirm"]
     assert [r["budget_gb"] for r in rebuilt["run_plan"]] == [16.0]
+
+
+def test_a_run_killed_by_tier_timeout_is_a_failure_not_a_time_limit_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tier-timeout (60 s) bounds the run, not the time limit (100 s left when it starts):
+    a hang is the run's failure, even though less than 60 s is left once it is killed."""
+    clock = [0.0]
+    monkeypatch.setattr(bench_command, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def hanging_run(_command: list[str]) -> bench_command.ChildOutcome:
+        clock[0] += 60.0
+        return bench_command.ChildOutcome(-9, True, "", ["still loading"], 60.0)
+
+    _fake_gpu_children(monkeypatch, [], hanging_run)
+    args = ["--model", "builtin:tiny-sd", "--tiers", "bitsandbytes:nf4", "--budgets", "4"]
+    limits = ["--time-limit", "100", "--tier-timeout", "60"]
+    assert bench_command.main([*args, *limits, "--out", str(tmp_path), "--run-plan"]) == 0
+    bench = _bench(tmp_path)
+    assert [(r["budget_gb"], r["completed"]) for r in bench["run_plan"]] == [(4.0, False)]
+    assert "still loading" in bench["run_plan"][0]["error"]
+    assert not any("time limit" in note for note in bench["notes"])
 
 
 def test_the_time_limit_leaves_tiers_for_resume(tmp_path: Path) -> None:

@@ -441,9 +441,12 @@ def _save_entry(path: Path, entry: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(entry, indent=1) + "\n")
 
 
-def _stopped_by_deadline(sweep: _Sweep, outcome: ChildOutcome, flag: str, what: str) -> bool:
-    """A child the sweep's time limit killed did not fail: say so, record no entry."""
-    if outcome.timed_out and sweep.child_timeout()[1]:
+def _stopped_by_deadline(
+    sweep: _Sweep, outcome: ChildOutcome, by_deadline: bool, flag: str, what: str
+) -> bool:
+    """A child the sweep's time limit killed did not fail: say so, record no entry.
+    ``by_deadline``: whether the time limit, not --tier-timeout, bounded it when it started."""
+    if outcome.timed_out and by_deadline:
         sweep.notes.append(
             f"{flag} stopped at the time limit during {what}, {outcome.seconds:.0f} s in"
         )
@@ -468,10 +471,11 @@ def _confirm(sweep: _Sweep, rows: list[dict[str, Any]]) -> None:
             stale.unlink(missing_ok=True)
         _log(f"confirm {name} under a {budget:g} GB card ({cap / GB:.2f} GB allocator cap) …")
         extra = ["--no-fidelity", "--vram-cap", str(cap), "--result", str(record_path)]
-        outcome = run_child(
-            _tier_command(sweep, spec, CONFIRM_REPEATS, extra), sweep.child_timeout()[0]
-        )
-        if _stopped_by_deadline(sweep, outcome, "--confirm", f"{name} at {budget:g} GB"):
+        timeout, by_deadline = sweep.child_timeout()
+        outcome = run_child(_tier_command(sweep, spec, CONFIRM_REPEATS, extra), timeout)
+        if _stopped_by_deadline(
+            sweep, outcome, by_deadline, "--confirm", f"{name} at {budget:g} GB"
+        ):
             return
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         peaks = [record.get("peak_bytes"), record.get("load_peak_bytes")]
@@ -517,8 +521,11 @@ def _run_plan(sweep: _Sweep) -> None:
             str(sweep.out / RUNS_DIR / f"{budget:g}GB"),
             "--json",
         ]
-        outcome = run_child(command, sweep.child_timeout()[0])
-        if _stopped_by_deadline(sweep, outcome, "--run-plan", f"the {budget:g} GB run"):
+        timeout, by_deadline = sweep.child_timeout()
+        outcome = run_child(command, timeout)
+        if _stopped_by_deadline(
+            sweep, outcome, by_deadline, "--run-plan", f"the {budget:g} GB run"
+        ):
             return
         entry: dict[str, Any] = {
             "budget_gb": budget,
