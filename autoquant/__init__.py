@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from autoquant.executor import Result, execute
-    from autoquant.loader import load
+    from autoquant.execute.ladder import Result, execute
+    from autoquant.execute.loader import load
     from autoquant.planner import Plan, plan
     from autoquant.probe import probe
     from autoquant.probe.types import HardwareProfile
@@ -26,9 +26,9 @@ _LAZY = {
     "HardwareProfile": ("autoquant.probe.types", "HardwareProfile"),
     "plan": ("autoquant.planner", "plan"),
     "Plan": ("autoquant.planner", "Plan"),
-    "execute": ("autoquant.executor", "execute"),
-    "Result": ("autoquant.executor", "Result"),
-    "load": ("autoquant.loader", "load"),
+    "execute": ("autoquant.execute.ladder", "execute"),
+    "Result": ("autoquant.execute.ladder", "Result"),
+    "load": ("autoquant.execute.loader", "load"),
 }
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from autoquant.cli import main
+from autoquant.cli.main import main
 
 sys.exit(main())

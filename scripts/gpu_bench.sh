@@ -8,12 +8,12 @@
 #   scripts/gpu_bench.sh MODEL OUT [bench args...]
 #   scripts/gpu_bench.sh builtin:sdxl "$OUT" --tiers none:bf16,bitsandbytes:nf4,quanto:int8
 #
-# Extra args go to `python -m autoquant.bench.command` after the defaults, so they win (e.g. a
+# Extra args go to `python -m autoquant bench` after the defaults, so they win (e.g. a
 # different --budgets). GPU_BENCH_SECONDS (default 540) bounds the whole call: the sweep gets
 # what the install and the materialization left, less 30 s for the reports and the packing; a
 # tier still running then is stopped and listed as not run. The reference tier (bf16) runs in
 # every call. To merge calls: unpack each results.tar.gz into one folder (their tiers/ merge),
-# then `python -m autoquant.bench.command --model MODEL --out FOLDER --report-only`.
+# then `python -m autoquant bench --model MODEL --out FOLDER --report-only`.
 #
 # Run from the repo root with carry: [".whl"] (see ../shared/device/fetch-wheels.sh).
 set -uo pipefail
@@ -51,7 +51,7 @@ print(models.materialize(models.resolve(sys.argv[1]), device="cuda"))' "$model" 
 left=$(( limit - ($(date +%s) - started) - 30 ))
 [ "$left" -ge 60 ] || { step "only ${left} s left after the set-up: no bench"; exit 1; }
 step "bench, ${left} s left"
-timeout -k 5 $(( left + 20 )) python3 -m autoquant.bench.command --model "$model" \
+timeout -k 5 $(( left + 20 )) python3 -m autoquant bench --model "$model" \
   --budgets 4,6,8,12,16,24,48,80 --out "$work" --time-limit "$left" "$@" >> "$log" 2>&1
 step "bench exited with $?"
 

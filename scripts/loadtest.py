@@ -154,9 +154,9 @@ def _free_port() -> int:
 
 @contextmanager
 def spawned_server(server_args: list[str], ready_timeout: float) -> Iterator[str]:
-    """`python -m autoquant.serve.command` on a free loopback port until the block ends."""
+    """`python -m autoquant serve` on a free loopback port until the block ends."""
     port = _free_port()
-    command = [sys.executable, "-m", "autoquant.serve.command", *server_args]
+    command = [sys.executable, "-m", "autoquant", "serve", *server_args]
     command += ["--host", "127.0.0.1", "--port", str(port)]  # last: they win over server_args
     print(f"starting: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=dict(os.environ))

@@ -19,7 +19,7 @@ from autoquant.bench import TierSpec, parse_tier_list
 from autoquant.bench import command as bench_command
 from autoquant.bench.budgets import GB, budget_rows, confirm_targets, parse_budgets
 from autoquant.bench.fidelity import psnr, quality_score, ssim
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 
 SWEEP_TIERS = "none:fp32,none:bf16,gguf:q8_0,gguf:q4_0,quanto:int8,torchao:int8"
 # diffusers refuses bitsandbytes on the CPU: its process fails at load, the sweep goes on.
@@ -36,7 +36,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Path
         [
             sys.executable,
             "-m",
-            "autoquant.bench.command",
+            "autoquant",
+            "bench",
             "--model",
             "builtin:tiny-sd",
             "--tiers",

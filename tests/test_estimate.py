@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from autoquant.backends.tier import Tier
 from autoquant.bench.budgets import record_estimate
 from autoquant.bench.tier_run import estimate_error_pct
 from autoquant.models import inventory, resolve
 from autoquant.planner.estimate import Request, estimate_denoiser
-from autoquant.planner.tiers import Tier
 
 GiB = 1024**3
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import autoquant
-from autoquant import executor
-from autoquant.generate import generate
-from autoquant.tuning import TuneOptions, tune
+from autoquant.execute import ladder as executor
+from autoquant.execute.recover import generate
+from autoquant.execute.tuning import TuneOptions, tune
 
 CPU_TIERS = [
     ("builtin:tiny-sd", "quanto", "int8"),

@@ -21,10 +21,15 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, UNet2DConditionModel
 
-from autoquant import gguf_convert
-from autoquant.errors import AutoquantError, CacheCorruptError
-from autoquant.gguf_convert import GGUF_QTYPES, check_gguf, convert_denoiser, denoiser_subfolder
-from autoquant.identity import component_identity, model_identity
+from autoquant.backends.gguf import convert as gguf_convert
+from autoquant.backends.gguf.convert import (
+    GGUF_QTYPES,
+    check_gguf,
+    convert_denoiser,
+    denoiser_subfolder,
+)
+from autoquant.core.errors import AutoquantError, CacheCorruptError
+from autoquant.models.identity import component_identity, model_identity
 
 torch.set_num_threads(1)
 
@@ -268,7 +273,7 @@ def test_damaged_cache_file_is_rebuilt(
     with pytest.raises(CacheCorruptError):
         check_gguf(path)
 
-    with caplog.at_level(logging.WARNING, logger="autoquant.gguf_convert"):
+    with caplog.at_level(logging.WARNING, logger="autoquant.backends.gguf.convert"):
         result = convert_denoiser(folder, "q8_0", cache_root=tmp_path, progress=False)
 
     assert result.rebuilt and not result.cache_hit
@@ -408,7 +413,7 @@ def test_identity_follows_configs_and_weight_files(tmp_path: Path) -> None:
 
 def test_importing_the_module_is_cheap() -> None:
     code = (
-        "import sys, autoquant.gguf_convert, autoquant.identity; "
+        "import sys, autoquant.backends.gguf.convert, autoquant.models.identity; "
         "heavy = {'torch', 'diffusers', 'gguf', 'numpy', 'safetensors'} & set(sys.modules); "
         "print(sorted(heavy))"
     )

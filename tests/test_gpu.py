@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoquant.tuning import TuneOptions, tune
+from autoquant.execute.tuning import TuneOptions, tune
 
 pytestmark = [
     pytest.mark.gpu,

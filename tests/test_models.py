@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from autoquant.errors import ModelNotFoundError
+from autoquant.core.errors import ModelNotFoundError
 from autoquant.models import builtin_names, inventory, list_builtins, materialize, resolve
 from autoquant.models.builtin import load_builtin
 from autoquant.models.inventory import build_on_meta, counted_components

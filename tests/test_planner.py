@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from autoquant.cli import main
-from autoquant.errors import ConfigError
+from autoquant.cli.main import main
+from autoquant.core.errors import ConfigError
 from autoquant.planner import load_settings, plan
 from autoquant.probe import probe
 from autoquant.probe.types import BackendStatus, CpuInfo, GpuInfo, HardwareProfile
@@ -234,9 +234,9 @@ def test_falling_down_the_ladder_prefers_model_offload_to_group_offload(
 
 
 def test_bitsandbytes_with_offload_loads_every_quantized_component_on_the_gpu() -> None:
+    from autoquant.backends.tier import Tier
     from autoquant.models import inventory, resolve
     from autoquant.planner.estimate import Request, estimate
-    from autoquant.planner.tiers import Tier
 
     inv = inventory(resolve("builtin:flux-dev"))
     quantized = ("transformer", "text_encoder", "text_encoder_2")

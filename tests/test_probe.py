@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 from autoquant.probe import HostFacts, describe, emulate, probe
 from autoquant.probe.backends import assess_backends
 from autoquant.probe.host import disk_free_bytes, parse_cpuinfo

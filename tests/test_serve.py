@@ -63,7 +63,8 @@ def server(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     command = [
         sys.executable,
         "-m",
-        "autoquant.serve.command",
+        "autoquant",
+        "serve",
         "--model",
         "builtin:tiny-sd",
         "--device",
@@ -243,7 +244,7 @@ def test_full_queue_is_503_and_sigterm_drains(server: Server) -> None:
 
 def test_a_tuning_failure_stops_the_server_with_one_line(session_cache: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", AUTOQUANT_CACHE_DIR=str(session_cache))
-    command = [sys.executable, "-m", "autoquant.serve.command", "--backend", "nosuch"]
+    command = [sys.executable, "-m", "autoquant", "serve", "--backend", "nosuch"]
     command += ["--port", str(_free_port())]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -297,9 +298,9 @@ def test_other_errors_are_not_split() -> None:
 def test_an_internal_error_is_a_generic_500_with_an_id(caplog: pytest.LogCaptureFixture) -> None:
     from fastapi.testclient import TestClient
 
+    from autoquant.execute.tuning import TuneOptions
     from autoquant.serve.app import create_app
     from autoquant.serve.worker import READY, Worker, WorkerSettings
-    from autoquant.tuning import TuneOptions
 
     class BrokenWorker(Worker):
         """Ready at once; every generation fails the way a bug would."""

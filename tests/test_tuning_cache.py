@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from autoquant import executor, tuning_cache
-from autoquant.cli import main
-from autoquant.tuning import TuneOptions, tune
-from autoquant.tuning_cache import TuningStore
+from autoquant.cli.main import main
+from autoquant.execute import ladder as executor
+from autoquant.execute import tuning_entry
+from autoquant.execute.tuning import TuneOptions, tune
+from autoquant.store.tuning_store import TuningStore
 
 
 @pytest.fixture
@@ -55,9 +56,9 @@ def test_changed_versions_model_or_size_retune(
     assert _tune(model=str(folder)).cache["hit"] is True
     assert _tune(model=str(folder), width=72, height=72).cache["hit"] is False
 
-    real = tuning_cache.torch_and_diffusers_versions
+    real = tuning_entry.torch_and_diffusers_versions
     monkeypatch.setattr(
-        tuning_cache,
+        tuning_entry,
         "torch_and_diffusers_versions",
         lambda: {**real(), "torch": "9.9.9"},
     )

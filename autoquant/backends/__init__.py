@@ -8,7 +8,7 @@ from autoquant.backends.gguf import Gguf
 from autoquant.backends.none import NoQuantization
 from autoquant.backends.quanto import Quanto
 from autoquant.backends.torchao import TorchAo
-from autoquant.errors import BackendUnavailableError
+from autoquant.core.errors import BackendUnavailableError
 
 _REGISTRY: dict[str, type[QuantBackend]] = {
     "none": NoQuantization,

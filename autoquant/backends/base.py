@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autoquant.backends.tier import Tier
 from autoquant.models.types import ModelInventory
-from autoquant.planner.tiers import Tier
 
 if TYPE_CHECKING:
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoquant.backends.base import BuildRequest, QuantBackend, torch_dtype
-from autoquant.planner.tiers import Tier
+from autoquant.backends.tier import Tier
 
 
 class BitsAndBytes(QuantBackend):

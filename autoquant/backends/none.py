@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autoquant.backends.base import QuantBackend
-from autoquant.planner.tiers import Tier
+from autoquant.backends.tier import Tier
 
 
 class NoQuantization(QuantBackend):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoquant.backends.base import BuildRequest, QuantBackend
-from autoquant.planner.tiers import Tier
+from autoquant.backends.tier import Tier
 
 # Tier precision → quanto weight dtype. "mixed" is int8 weights with the VAE kept in fp32.
 _WEIGHTS = {"int8": "int8", "int4": "int4", "float8": "float8", "mixed": "int8"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoquant.backends.base import BuildRequest, QuantBackend
-from autoquant.planner.tiers import Tier
+from autoquant.backends.tier import Tier
 
 
 def _ao_config(precision: str) -> Any:

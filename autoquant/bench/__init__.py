@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoquant.errors import AutoquantError
+from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier, validate_tier_name
+from autoquant.core.errors import AutoquantError
 from autoquant.models.types import ModelInventory
-from autoquant.planner.tiers import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier, validate_tier_name
 from autoquant.probe.types import HardwareProfile
 
 TEXT_ENCODERS = "te"  # "+te": the text encoders are quantized with the denoiser's backend

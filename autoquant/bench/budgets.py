@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from autoquant.backends.tier import Tier
 from autoquant.bench import TierSpec
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Estimate, Request, estimate
 from autoquant.planner.plan import plan
-from autoquant.planner.tiers import Tier
 from autoquant.probe.emulate import emulate
 from autoquant.probe.types import HardwareProfile
 

@@ -1,6 +1,6 @@
 """`autoquant bench`: measure every tier in its own process, then judge every VRAM budget.
 
-    python -m autoquant.bench.command --model builtin:sdxl --tiers all --budgets 4,6,8,12 \\
+    autoquant bench --model builtin:sdxl --tiers all --budgets 4,6,8,12 \\
         --out bench-sdxl [--size 1024x1024 --batch 1 --steps 4 --repeats 10] [--resume] \\
         [--compile] [--confirm] [--run-plan] [--time-limit SECONDS] [--report-only]
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoquant.backends.tier import PRECISIONS, PROBE_NAMES
 from autoquant.bench import TierSpec, bench_device, parse_tier_list
 from autoquant.bench.budgets import (
     CPU_FIT_RULE,
@@ -42,13 +43,11 @@ from autoquant.bench.budgets import (
 )
 from autoquant.bench.report import write_reports
 from autoquant.bench.tier_run import TIERS_DIR, estimate_error_pct, tier_result_path
-from autoquant.cliargs import EXIT_USAGE, Parser, positive_int, quiet_libraries, width_height
-from autoquant.console import progress_log
-from autoquant.errors import AutoquantError
-from autoquant.fsutil import write_text_atomic
+from autoquant.cli.args import positive_int, width_height
+from autoquant.core.console import progress_log
+from autoquant.core.fsutil import write_text_atomic
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request
-from autoquant.planner.tiers import PRECISIONS, PROBE_NAMES
 from autoquant.probe.types import HardwareProfile
 
 DEFAULT_OUT = Path("autoquant-bench")
@@ -62,7 +61,7 @@ _TAIL_LINES = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from autoquant.tuning import DEFAULT_MODEL
+    from autoquant.execute.tuning import DEFAULT_MODEL
 
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="default: %(default)s")
     p.add_argument(
@@ -592,22 +591,3 @@ def _print_summary(bench: dict[str, Any], out: Path) -> None:
         said = f", latency ratio {ratio:.2f} vs {row['best']}" if ratio is not None else ""
         print(f"{row['budget_gb']:g} GB: {len(row['fits'])} tiers fit; plan: {chosen}{said}")
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    quiet_libraries()
-    parser = Parser(  # one-line usage errors, as the autoquant command gives
-        prog="python -m autoquant.bench.command",
-        description="Every tier at every VRAM budget: the plan against an exhaustive sweep.",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except AutoquantError as err:
-        print(f"autoquant: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

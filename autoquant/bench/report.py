@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.bench.budgets import GB
-from autoquant.fsutil import atomic_file, write_text_atomic
+from autoquant.core.fsutil import atomic_file, write_text_atomic
 
 DEFINITIONS = (
     "Memory is in GB = 10^9 bytes, like the budgets. On a GPU: weights = allocated after "

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant import memory
+from autoquant.backends.tier import PROBE_NAMES
 from autoquant.bench import TierSpec, bench_device, error_line
-from autoquant.cliargs import quiet_libraries, width_height
-from autoquant.fsutil import atomic_file, write_text_atomic
+from autoquant.cli.args import quiet_libraries, width_height
+from autoquant.core.fsutil import atomic_file, write_text_atomic
+from autoquant.execute import memory
 from autoquant.planner.estimate import Estimate, Request, estimate
-from autoquant.planner.tiers import PROBE_NAMES
 from autoquant.probe.types import HardwareProfile
 
 if TYPE_CHECKING:
@@ -321,12 +321,12 @@ class _TierRun:
         return getattr(self.pipe, self.inventory.denoiser.name)
 
     def build(self) -> None:
-        from autoquant.executor import build_tier
+        from autoquant.execute.ladder import build_tier
         from autoquant.planner.plan import PlannedTier
 
         tier, device = self.tier, self.device
         if tier.backend == "gguf":
-            from autoquant.gguf_convert import convert_denoiser
+            from autoquant.backends.gguf.convert import convert_denoiser
 
             converted = convert_denoiser(self.folder, tier.precision, progress=False)
             self.record["convert_seconds"] = converted.seconds
@@ -377,7 +377,7 @@ class _TierRun:
     def _generate(self, steps: int) -> np.ndarray:
         import torch
 
-        from autoquant.executor import SMOKE_PROMPT, pipeline_call_kwargs
+        from autoquant.execute.ladder import SMOKE_PROMPT, pipeline_call_kwargs
 
         request = self.request
         with torch.no_grad():

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import ModelNotFoundError
+from autoquant.core.errors import ModelNotFoundError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

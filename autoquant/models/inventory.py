@@ -16,13 +16,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.errors import ModelNotFoundError
-from autoquant.fsutil import write_text_atomic
+from autoquant.core.errors import ModelNotFoundError
+from autoquant.core.fsutil import write_text_atomic
+from autoquant.core.paths import cache_dir
 from autoquant.models.builtin import load_builtin
 from autoquant.models.groups import resident_params
 from autoquant.models.source import download_from_hub
 from autoquant.models.types import ComponentInventory, Family, ModelInventory, ModelSource, Role
-from autoquant.paths import cache_dir
 
 if TYPE_CHECKING:
     from torch import nn

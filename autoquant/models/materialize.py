@@ -17,13 +17,13 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.fsutil import atomic_dir
+from autoquant.core.fsutil import atomic_dir
+from autoquant.core.paths import cache_dir
 from autoquant.models.builtin import BuiltinSpec, load_builtin
 from autoquant.models.inventory import build_on_meta, import_component_class
 from autoquant.models.source import download_from_hub
 from autoquant.models.tokenizers import build_tokenizer
 from autoquant.models.types import ModelSource
-from autoquant.paths import cache_dir
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from autoquant.errors import ModelNotFoundError
+from autoquant.core.errors import ModelNotFoundError
 from autoquant.models.builtin import builtin_names, load_builtin
 from autoquant.models.types import ModelSource
 

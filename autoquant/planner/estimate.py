@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from autoquant.backends.tier import DTYPE_BYTES, QUANT_FORMATS, Tier
 from autoquant.models.types import ComponentInventory, ModelInventory
-from autoquant.planner.tiers import DTYPE_BYTES, QUANT_FORMATS, Tier
 
 GiB = 1024**3
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.errors import AutoquantError
+from autoquant.backends.tier import PROBE_NAMES, Tier
+from autoquant.core.errors import AutoquantError
+from autoquant.core.units import format_bytes
 from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, estimate
 from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
-from autoquant.planner.tiers import PROBE_NAMES, Tier
 from autoquant.probe.types import HardwareProfile
-from autoquant.units import format_bytes
 
 GB = 1e9
 # Group offload leaves quantized weights behind in diffusers 0.42.1: GGUF fails with KeyError

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from autoquant.errors import ConfigError
-from autoquant.planner.tiers import MEMORY_OPTIONS, PRECISIONS, validate_tier_name
+from autoquant.backends.tier import MEMORY_OPTIONS, PRECISIONS, validate_tier_name
+from autoquant.core.errors import ConfigError
 
 # Keys whose default is null (or a list) and the types they accept when set.
 _NULLABLE: dict[str, tuple[type, ...]] = {

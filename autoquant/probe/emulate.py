@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 from autoquant.probe.backends import assess_backends
 from autoquant.probe.types import GpuInfo, HardwareProfile
 

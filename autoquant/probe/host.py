@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from autoquant import paths
+from autoquant.core import paths
 from autoquant.probe.types import CpuInfo
 
 CPUINFO = Path("/proc/cpuinfo")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from autoquant.core.units import format_bytes
 from autoquant.probe.types import BackendStatus, GpuInfo, HardwareProfile
-from autoquant.units import format_bytes
 
 
 def describe(profile: HardwareProfile) -> str:

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 from autoquant.serve import metrics as metrics_text
 from autoquant.serve.schema import MAX_SEED, GenerateRequest, SizeLimits, request_model, resolve
 from autoquant.serve.worker import (

@@ -1,7 +1,6 @@
 """`autoquant serve`: tune once, then serve the pipeline over HTTP until SIGTERM.
 
-The tuning flags are those of `autoquant run`. Runnable on its own with the same flags:
-``python -m autoquant.serve.command --model builtin:tiny-sd``. fastapi and uvicorn are imported
+The tuning flags are those of `autoquant run`. fastapi and uvicorn are imported
 only when the server starts, so the rest of the CLI works without the `serve` extra.
 """
 
@@ -11,13 +10,11 @@ import argparse
 import ipaddress
 import logging
 import signal
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from autoquant.cliargs import add_profile_arguments, positive_int, size_text, width_height
-from autoquant.errors import AutoquantError
-from autoquant.units import parse_size
+from autoquant.cli.args import add_profile_arguments, positive_int, size_text, width_height
+from autoquant.core.errors import AutoquantError
+from autoquant.core.units import parse_size
 
 logger = logging.getLogger("autoquant.serve")
 
@@ -40,7 +37,7 @@ def _milliseconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from autoquant.tuning import DEFAULT_MODEL
+    from autoquant.execute.tuning import DEFAULT_MODEL
 
     tuning = p.add_argument_group("tuning (as `autoquant run`)")
     tuning.add_argument(
@@ -108,7 +105,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _tune_options(args: argparse.Namespace) -> Any:
-    from autoquant.tuning import options_from_args
+    from autoquant.execute.tuning import options_from_args
 
     return options_from_args(
         args,
@@ -125,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     is raised here (an AutoquantError is the CLI's one-line error)."""
     # Reject bad profiles, backends and models before the server binds (cheap: no weights).
     from autoquant import models
-    from autoquant.tuning import settings_for
+    from autoquant.execute.tuning import settings_for
 
     settings_for(_tune_options(args))
     models.resolve(args.model)
@@ -173,14 +170,3 @@ def run(args: argparse.Namespace) -> int:
         raise worker.error
     logger.info("drained and stopped")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m autoquant.serve.command`: the same as `autoquant serve`."""
-    from autoquant.cli import main as cli_main
-
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

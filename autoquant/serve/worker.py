@@ -4,8 +4,8 @@ Requests wait in a bounded FIFO. The worker takes the oldest one and, for a shor
 later requests with the same batch key join it, up to the number of images that fit in the
 memory free right now (measured per batch from the smoke test's per-image peak). A batch that
 runs out of memory anyway is halved and retried; a single request that still does not fit goes
-through :func:`autoquant.generate.generate`, which turns on memory remedies and moves down the
-tier ladder.
+through :func:`autoquant.execute.recover.generate`, which turns on memory remedies and moves
+down the tier ladder.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from autoquant import memory
+from autoquant.core.units import format_bytes
+from autoquant.execute import memory
+from autoquant.execute.tuning import TuneOptions, tune
 from autoquant.serve.metrics import Metrics
 from autoquant.serve.schema import Generation
-from autoquant.tuning import TuneOptions, tune
-from autoquant.units import format_bytes
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from autoquant.executor import Result
+    from autoquant.execute.ladder import Result
 
 logger = logging.getLogger("autoquant.serve")
 
@@ -344,7 +344,7 @@ class Worker:
 
     def _run_batch(self, jobs: list[Job]) -> list[list[Image]]:
         assert self._result is not None
-        from autoquant.executor import pipeline_call_kwargs
+        from autoquant.execute.ladder import pipeline_call_kwargs
 
         pipe: Any = self._result.pipeline
         call = pipeline_call_kwargs(self._result.inventory, pipe, **call_arguments(jobs))
@@ -354,7 +354,7 @@ class Worker:
 
     def _run_single(self, job: Job) -> list[Image]:
         assert self._result is not None
-        from autoquant.generate import generate
+        from autoquant.execute.recover import generate
 
         result = self._result
         changes = len(result.adjustments)

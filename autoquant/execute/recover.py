@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autoquant import memory
-from autoquant.console import Log
-from autoquant.executor import Result, execute, pipeline_call_kwargs, turn_on
+from autoquant.core.console import Log
+from autoquant.execute import memory
+from autoquant.execute.ladder import Result, execute, pipeline_call_kwargs, turn_on
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -89,7 +89,7 @@ def _invoke(pipe: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def memory_exhausted(result: Result, size: str) -> Exception:
-    from autoquant.errors import AutoquantError
+    from autoquant.core.errors import AutoquantError
 
     return AutoquantError(
         f"out of memory at {size} even on the last tier ({result.chosen.label}): "

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import AutoquantError, ModelNotFoundError
+from autoquant.core.errors import AutoquantError, ModelNotFoundError
 
 # 16 hex digits (64 bits): short enough for a file name, far from colliding among one user's models.
 _DIGEST_CHARS = 16

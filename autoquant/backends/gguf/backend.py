@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoquant.backends.base import BuildRequest, QuantBackend, torch_dtype
-from autoquant.planner.tiers import Tier
+from autoquant.backends.tier import Tier
 
 
 class Gguf(QuantBackend):
@@ -18,7 +18,7 @@ class Gguf(QuantBackend):
         import diffusers
         from diffusers import GGUFQuantizationConfig
 
-        from autoquant.gguf_convert import convert_denoiser
+        from autoquant.backends.gguf.convert import convert_denoiser
 
         denoiser = request.inventory.denoiser
         converted = convert_denoiser(

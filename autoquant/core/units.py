@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from autoquant.errors import AutoquantError
+from autoquant.core.errors import AutoquantError
 
 GiB = 1024**3
 MiB = 1024**2

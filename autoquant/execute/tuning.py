@@ -7,16 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.console import Log
-from autoquant.errors import AutoquantError
-from autoquant.executor import Result, SmokeSettings, execute
+from autoquant.backends.tier import validate_tier_name
+from autoquant.core.console import Log
+from autoquant.core.errors import AutoquantError
+from autoquant.core.units import parse_size
+from autoquant.execute.ladder import Result, SmokeSettings, execute
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import Request
 from autoquant.planner.plan import Plan, plan
 from autoquant.planner.rules import load_settings
-from autoquant.planner.tiers import validate_tier_name
 from autoquant.probe.types import HardwareProfile
-from autoquant.units import parse_size
 
 DEFAULT_MODEL = "builtin:tiny-sd"
 
@@ -124,15 +124,11 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
     """Plan and build ``options.model``. With the tuning cache, a machine/model/settings seen
     before goes straight to the saved tier (smoke-tested with one step) and skips tiers that ran
     out of memory here; the outcome is saved for next time."""
-    from autoquant import memory, models
-    from autoquant.identity import model_identity
-    from autoquant.tuning_cache import (
-        TuningStore,
-        entry_for,
-        known_oom,
-        saved_index,
-        tuning_key,
-    )
+    from autoquant import models
+    from autoquant.execute import memory
+    from autoquant.execute.tuning_entry import entry_for, known_oom, saved_index, tuning_key
+    from autoquant.models.identity import model_identity
+    from autoquant.store.tuning_store import TuningStore
 
     say = log or (lambda _m: None)
     the_plan, profile, inventory = make_plan(options)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autoquant.console import progress_log
-from autoquant.generate import guard
-from autoquant.tuning import DEFAULT_MODEL, TuneOptions, tune
+from autoquant.core.console import progress_log
+from autoquant.execute.recover import guard
+from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions, tune
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -17,8 +17,9 @@ def load(
 ) -> DiffusionPipeline:
     """Probe, plan, build and smoke-test ``model``; return the working pipeline.
 
-    ``options`` are :class:`autoquant.tuning.TuneOptions` fields (``profiles``, ``overrides``,
-    ``backend``, ``precision``, ``vram_limit``, ``width``, ``height``, ``smoke_steps``, …).
+    ``options`` are :class:`autoquant.execute.tuning.TuneOptions` fields (``profiles``,
+    ``overrides``, ``backend``, ``precision``, ``vram_limit``, ``width``, ``height``,
+    ``smoke_steps``, …).
     The report is attached as ``pipe.autoquant_report``. With ``oom_guard`` the pipeline's calls
     recover from out-of-memory (memory options first, then one tier down) and say what changed.
     """

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import autoquant
-from autoquant.errors import AutoquantError, CacheCorruptError, ModelNotFoundError
-from autoquant.identity import component_identity
-from autoquant.paths import cache_dir
+from autoquant.core.errors import AutoquantError, CacheCorruptError, ModelNotFoundError
+from autoquant.core.paths import cache_dir
+from autoquant.models.identity import component_identity
 
 if TYPE_CHECKING:
     import numpy as np

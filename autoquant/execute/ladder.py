@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant import memory
 from autoquant.backends import BuildRequest, get_backend
-from autoquant.console import Log, progress_log
-from autoquant.errors import AutoquantError
+from autoquant.core.console import Log, progress_log
+from autoquant.core.errors import AutoquantError
+from autoquant.execute import memory
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import Plan, PlannedTier
 from autoquant.probe.types import HardwareProfile

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import NoReturn
 
-from autoquant.units import parse_size
+from autoquant.core.units import parse_size
 
 EXIT_USAGE = 2
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoquant.fsutil import atomic_file, write_text_atomic
-from autoquant.units import format_bytes
+from autoquant.core.fsutil import atomic_file, write_text_atomic
+from autoquant.core.units import format_bytes
 
 _NAMES = ("image.png", "report.json", "report.md")
 

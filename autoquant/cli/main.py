@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant import __version__
-from autoquant.cliargs import (
+from autoquant.cli.args import (
     EXIT_USAGE,
     Parser,
     add_profile_arguments,
@@ -20,9 +20,9 @@ from autoquant.cliargs import (
     size_text,
     width_height,
 )
-from autoquant.console import progress_log
-from autoquant.errors import AutoquantError
-from autoquant.units import format_bytes, parse_size
+from autoquant.core.console import progress_log
+from autoquant.core.errors import AutoquantError
+from autoquant.core.units import format_bytes, parse_size
 
 
 def _add_machine(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autoquant.tuning import DEFAULT_MODEL
+    from autoquant.execute.tuning import DEFAULT_MODEL
 
     parser = Parser(
         prog="autoquant",
@@ -173,7 +173,7 @@ def _print_plan(the_plan: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autoquant.tuning import make_plan, options_from_args
+    from autoquant.execute.tuning import make_plan, options_from_args
 
     options = options_from_args(
         args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
@@ -192,9 +192,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from autoquant.generate import generate
-    from autoquant.outputs import write_run
-    from autoquant.tuning import options_from_args, tune
+    from autoquant.cli.outputs import write_run
+    from autoquant.execute.recover import generate
+    from autoquant.execute.tuning import options_from_args, tune
 
     log = progress_log(not args.json)
     diffusers_logging.disable_progress_bar()  # per-component bars; the executor logs per tier
@@ -259,8 +259,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from autoquant.fsutil import write_text_atomic
-    from autoquant.tuning_cache import TuningStore, export_profile
+    from autoquant.core.fsutil import write_text_atomic
+    from autoquant.execute.tuning_entry import export_profile
+    from autoquant.store.tuning_store import TuningStore
 
     store = TuningStore(warn=lambda message: print(message, file=sys.stderr))
     if args.cache_command == "list":
@@ -297,7 +298,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from autoquant import models
-    from autoquant.gguf_convert import GGUF_QTYPES, convert_denoiser
+    from autoquant.backends.gguf.convert import GGUF_QTYPES, convert_denoiser
 
     if args.qtype not in GGUF_QTYPES:
         raise AutoquantError(f"--to {args.qtype!r}: choose one of {', '.join(GGUF_QTYPES)}")
