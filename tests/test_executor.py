@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import autoquant
+from autoquant.backends.tier import VAE_TILE_PIXELS
+from autoquant.execute import build
 from autoquant.execute import ladder as executor
 from autoquant.execute.recover import generate
 from autoquant.execute.tuning import TuneOptions, tune
@@ -156,7 +158,7 @@ def test_vae_tiling_really_tiles_a_1024_vae() -> None:
         norm_num_groups=32,
         sample_size=1024,
     )
-    executor.enable_vae_tiling(vae)
+    build.enable_vae_tiling(vae)
     assert vae.use_tiling
-    assert vae.tile_sample_min_size == executor.VAE_TILE_PIXELS
-    assert vae.tile_latent_min_size == executor.VAE_TILE_PIXELS // 2  # two blocks: scale 2
+    assert vae.tile_sample_min_size == VAE_TILE_PIXELS
+    assert vae.tile_latent_min_size == VAE_TILE_PIXELS // 2  # two blocks: scale 2

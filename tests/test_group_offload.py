@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from autoquant.execute.ladder import enable_group_offload
+from autoquant.execute.build import enable_group_offload
 from autoquant.models.groups import modules_above_blocks
 
 

@@ -32,6 +32,10 @@ MEMORY_OPTIONS = (
     "group_offload",
 )
 OFFLOAD_OPTIONS = ("model_cpu_offload", "group_offload")
+# vae_tiling decodes in tiles of this many pixels a side. diffusers tiles only images larger than
+# the VAE's sample_size, which is 1024 for SDXL and Flux: at 1024² its own tiling changes nothing,
+# so the executor lowers the tile to this (execute/build.py) and the estimate counts one tile.
+VAE_TILE_PIXELS = 512
 
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 

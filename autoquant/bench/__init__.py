@@ -120,12 +120,6 @@ def parse_tier_list(text: str) -> list[TierSpec]:
     return specs
 
 
-def error_line(err: BaseException) -> str:
-    """An exception as one line for a report: its type and the first line of its message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}".strip()
-
-
 def bench_device(profile: HardwareProfile) -> str:
     """Where the sweep runs: the probe's GPU ("cuda", ROCm included), else the CPU."""
     if not profile.has_gpu:

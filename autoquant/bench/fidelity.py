@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant.bench import error_line
+from autoquant.core.errors import error_line
 
 if TYPE_CHECKING:
     import torch

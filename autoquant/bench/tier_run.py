@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoquant.backends.tier import PROBE_NAMES
-from autoquant.bench import TierSpec, bench_device, error_line
+from autoquant.bench import TierSpec, bench_device
 from autoquant.cli.args import quiet_libraries, width_height
+from autoquant.core.errors import error_line
 from autoquant.core.fsutil import atomic_file, write_text_atomic
 from autoquant.execute import memory
 from autoquant.planner.estimate import Estimate, Request, estimate
@@ -321,7 +322,7 @@ class _TierRun:
         return getattr(self.pipe, self.inventory.denoiser.name)
 
     def build(self) -> None:
-        from autoquant.execute.ladder import build_tier
+        from autoquant.execute.build import build_tier
         from autoquant.planner.plan import PlannedTier
 
         tier, device = self.tier, self.device
@@ -377,7 +378,8 @@ class _TierRun:
     def _generate(self, steps: int) -> np.ndarray:
         import torch
 
-        from autoquant.execute.ladder import SMOKE_PROMPT, pipeline_call_kwargs
+        from autoquant.execute.build import pipeline_call_kwargs
+        from autoquant.execute.smoke import SMOKE_PROMPT
 
         request = self.request
         with torch.no_grad():

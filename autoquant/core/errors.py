@@ -26,3 +26,13 @@ class BackendUnavailableError(AutoquantError):
 
 class CacheCorruptError(AutoquantError):
     """A cached artefact failed its integrity check; callers rebuild it."""
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line for a report or a log: the first line of its message, after its
+    type unless it is one of ours (whose message already says what to do)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    if isinstance(err, AutoquantError) and text:
+        return text
+    return f"{type(err).__name__}: {text}".strip().rstrip(":")

@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.backends import BuildRequest, get_backend
+from autoquant.backends import get_backend
 from autoquant.core.console import Log, progress_log
-from autoquant.core.errors import AutoquantError
+from autoquant.core.errors import AutoquantError, error_line
 from autoquant.execute import memory
+from autoquant.execute.build import build_tier
+from autoquant.execute.smoke import SmokeSettings, smoke_test
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import Plan, PlannedTier
 from autoquant.probe.types import HardwareProfile
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-
-SMOKE_PROMPT = "a photo of an astronaut riding a horse on the moon"
-# Flux guidance goes through bf16 (3.5 → 3.504); 4.0 is exact.
-_FLUX_GUIDANCE = 4.0
 
 # After a failed tier is freed, CUDA memory should be back where it was (measured: 0–34 MB).
 _LEAK_TOLERANCE_BYTES = 64 * 2**20
@@ -52,13 +50,6 @@ class Attempt:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class SmokeSettings:
-    steps: int = 2
-    width: int = 256
-    height: int = 256
 
 
 @dataclass
@@ -112,156 +103,6 @@ class Result:
         }
 
 
-# Decode in tiles of this many pixels a side. diffusers tiles only images larger than the VAE's
-# sample_size, which is 1024 for SDXL and Flux: at 1024² tiling would change nothing.
-VAE_TILE_PIXELS = 512
-
-
-def enable_vae_tiling(vae: Any) -> None:
-    vae.enable_tiling()
-    if hasattr(vae, "tile_sample_min_size") and vae.tile_sample_min_size > VAE_TILE_PIXELS:
-        scale = vae.tile_sample_min_size // vae.tile_latent_min_size
-        vae.tile_sample_min_size = VAE_TILE_PIXELS
-        vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
-
-
-def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
-    """Switch memory options on for a loaded pipeline, in place."""
-    import torch
-
-    if "vae_slicing" in options:
-        pipe.vae.enable_slicing()
-    if "vae_tiling" in options:
-        enable_vae_tiling(pipe.vae)
-    if "attention_slicing" in options:
-        pipe.enable_attention_slicing()
-    if "model_cpu_offload" in options:
-        pipe.enable_model_cpu_offload(device=device)
-    elif "group_offload" in options:
-        enable_group_offload(pipe, torch.device(device))
-
-
-def enable_group_offload(pipe: Any, onload_device: Any) -> None:
-    """Block-level group offload of every component, one block per group, with the text
-    encoders streamed layer by layer too (autoquant.models.groups says why)."""
-    import torch
-    from diffusers.hooks import apply_group_offloading
-
-    from autoquant.models.groups import block_modules
-
-    options: dict[str, Any] = {
-        "onload_device": onload_device,
-        "offload_type": "block_level",
-        "num_blocks_per_group": 1,
-    }
-    for component in pipe.components.values():
-        if hasattr(component, "enable_group_offload"):  # a diffusers model: as the pipeline does
-            component.enable_group_offload(**options)
-        elif isinstance(component, torch.nn.Module):
-            path = block_modules(component, "transformers")
-            apply_group_offloading(component, block_modules=path, **options)
-
-
-def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
-    """Turn on the tier's memory options and put the pipeline on its device."""
-    turn_on(pipe, planned.tier.memory_options, device)
-    # Offloading places the components itself; a device map already spread them over GPUs.
-    if not planned.tier.offloaded and not planned.device_map:
-        pipe.to(device)
-
-
-def pipeline_call_kwargs(inventory: ModelInventory, pipe: Any, **kwargs: Any) -> dict[str, Any]:
-    """Arguments every pipeline family accepts, adjusted per family."""
-    call = dict(kwargs)
-    if inventory.family == "flux":
-        call.setdefault("guidance_scale", _FLUX_GUIDANCE)
-        call.pop("negative_prompt", None)
-        tokenizer = getattr(pipe, "tokenizer_2", None)
-        limit = getattr(tokenizer, "model_max_length", 512)
-        call.setdefault("max_sequence_length", min(512, int(limit)))
-    return call
-
-
-def smoke_test(pipe: Any, inventory: ModelInventory, smoke: SmokeSettings) -> tuple[float, float]:
-    """A short real generation. Returns (median seconds of one denoiser forward, whole call
-    seconds); raises if the output is not finite. Timing the denoiser's own forward (not the gap
-    between step callbacks) gives a step time even for a one-step smoke test."""
-    import statistics
-
-    import numpy as np
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    starts: list[float] = []
-    forwards: list[float] = []
-
-    def before(_module: Any, _args: Any) -> None:
-        sync()
-        starts.append(time.perf_counter())
-
-    def after(_module: Any, _args: Any, _output: Any) -> None:
-        sync()
-        forwards.append(time.perf_counter() - starts[-1])
-
-    denoiser = getattr(pipe, inventory.denoiser.name)
-    hooks = [denoiser.register_forward_pre_hook(before), denoiser.register_forward_hook(after)]
-    started = time.perf_counter()
-    try:
-        with torch.no_grad():
-            output = pipe(
-                **pipeline_call_kwargs(
-                    inventory,
-                    pipe,
-                    prompt=SMOKE_PROMPT,
-                    num_inference_steps=smoke.steps,
-                    width=smoke.width,
-                    height=smoke.height,
-                    generator=torch.Generator("cpu").manual_seed(0),
-                    output_type="np",
-                )
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    total = time.perf_counter() - started
-    images = np.asarray(output.images)
-    if not np.isfinite(images).all():
-        raise RuntimeError("smoke test produced non-finite pixels")
-    return (statistics.median(forwards) if forwards else total), total
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
-
-
-def build_tier(
-    planned: PlannedTier,
-    *,
-    folder: Path,
-    inventory: ModelInventory,
-    device: str,
-    progress: bool,
-) -> DiffusionPipeline:
-    """Load one tier and make it ready to run (memory options applied, on its device)."""
-    backend = get_backend(planned.tier.backend)
-    request = BuildRequest(
-        folder=folder,
-        inventory=inventory,
-        tier=planned.tier,
-        device=device,
-        device_map=planned.device_map,
-        progress=progress,
-    )
-    pipe = backend.load(request)
-    backend.post_process(pipe, request)
-    apply_memory_options(pipe, planned, device)
-    return pipe
-
-
 def _try_tier(
     planned: PlannedTier,
     *,
@@ -303,7 +144,7 @@ def _try_tier(
         attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
         attempt.peak_bytes = memory.peak(device)
     except Exception as err:
-        failure = ("oom" if memory.is_oom(err) else "error", _first_line(err))
+        failure = ("oom" if memory.is_oom(err) else "error", error_line(err))
     if failure is None:
         return pipe, attempt
     # Outside the except block now: the traceback no longer pins the failed tier's tensors.

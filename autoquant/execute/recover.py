@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from autoquant.core.console import Log
 from autoquant.execute import memory
-from autoquant.execute.ladder import Result, execute, pipeline_call_kwargs, turn_on
+from autoquant.execute.build import pipeline_call_kwargs, turn_on
+from autoquant.execute.ladder import Result, execute
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

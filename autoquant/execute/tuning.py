@@ -11,7 +11,8 @@ from autoquant.backends.tier import validate_tier_name
 from autoquant.core.console import Log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import parse_size
-from autoquant.execute.ladder import Result, SmokeSettings, execute
+from autoquant.execute.ladder import Result, execute
+from autoquant.execute.smoke import SmokeSettings
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import Request
 from autoquant.planner.plan import Plan, plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.backends.tier import DTYPE_BYTES, QUANT_FORMATS, Tier
+from autoquant.backends.tier import DTYPE_BYTES, QUANT_FORMATS, VAE_TILE_PIXELS, Tier
 from autoquant.models.types import ComponentInventory, ModelInventory
 
 GiB = 1024**3
@@ -31,8 +31,6 @@ _FP32_ACTIVATION_FACTOR = 1.7
 # 128–256-channel maps at full resolution alive). Measured: SDXL's VAE decoding 1024² in bf16
 # peaked 2.59 GB above the weights on an H200 (docs/runs/sdxl-1024-vram-limit-6GB.json).
 _VAE_DECODE_PER_PIXEL = 2_500
-# Tiled VAE decode works on tiles of this many output pixels (executor.VAE_TILE_PIXELS a side).
-_VAE_TILE_PIXELS = 512 * 512
 # Allocator rounding and per-tensor padding seen on top of the raw weight bytes (~1%).
 _ALLOCATOR_OVERHEAD = 1.01
 
@@ -127,7 +125,7 @@ def vae_decode_bytes(inventory: ModelInventory, request: Request, tier: Tier) ->
         return 0
     pixels = request.width * request.height
     if "vae_tiling" in tier.memory_options:
-        pixels = min(pixels, _VAE_TILE_PIXELS)
+        pixels = min(pixels, VAE_TILE_PIXELS**2)
     images = 1 if "vae_slicing" in tier.memory_options else request.batch
     factor = 2.0 if _vae_dtype(tier) == "fp32" else 1.0
     return int(pixels * images * _VAE_DECODE_PER_PIXEL * factor)

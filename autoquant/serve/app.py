@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from autoquant.core.errors import AutoquantError
+from autoquant.core.errors import AutoquantError, error_line
 from autoquant.serve import metrics as metrics_text
 from autoquant.serve.schema import MAX_SEED, GenerateRequest, SizeLimits, request_model, resolve
 from autoquant.serve.worker import (
@@ -30,7 +30,6 @@ from autoquant.serve.worker import (
     NotAcceptingError,
     QueueFullError,
     Worker,
-    first_line,
 )
 
 if TYPE_CHECKING:
@@ -197,7 +196,7 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
         ready = worker.state == READY
         body: dict[str, Any] = {"status": worker.state}
         if worker.error is not None:
-            body["error"] = redact_paths(first_line(worker.error))
+            body["error"] = redact_paths(error_line(worker.error))
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/report")

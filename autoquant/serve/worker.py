@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from autoquant.core.errors import error_line
 from autoquant.core.units import format_bytes
 from autoquant.execute import memory
 from autoquant.execute.tuning import TuneOptions, tune
@@ -237,7 +238,7 @@ class Worker:
         try:
             self._tune()
         except BaseException as err:  # reported to the server, which exits with it
-            logger.error("tuning failed: %s", first_line(err))
+            logger.error("tuning failed: %s", error_line(err))
             self.error = err
             with self._cond:
                 self._state = FAILED
@@ -344,7 +345,7 @@ class Worker:
 
     def _run_batch(self, jobs: list[Job]) -> list[list[Image]]:
         assert self._result is not None
-        from autoquant.execute.ladder import pipeline_call_kwargs
+        from autoquant.execute.build import pipeline_call_kwargs
 
         pipe: Any = self._result.pipeline
         call = pipeline_call_kwargs(self._result.inventory, pipe, **call_arguments(jobs))
@@ -373,11 +374,6 @@ def _quiet(pipe: Any) -> None:
 
 def _log_adjustment(line: str) -> None:
     logger.warning(line.strip())
-
-
-def first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def json_ready(report: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Build one tier: load it through its backend, switch on its memory options, put it on its
+device; and the call arguments every pipeline family takes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autoquant.backends import BuildRequest, get_backend
+from autoquant.backends.tier import VAE_TILE_PIXELS
+from autoquant.models.types import ModelInventory
+from autoquant.planner.plan import PlannedTier
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+# Flux guidance goes through bf16 (3.5 → 3.504); 4.0 is exact.
+_FLUX_GUIDANCE = 4.0
+
+
+def enable_vae_tiling(vae: Any) -> None:
+    vae.enable_tiling()
+    if hasattr(vae, "tile_sample_min_size") and vae.tile_sample_min_size > VAE_TILE_PIXELS:
+        scale = vae.tile_sample_min_size // vae.tile_latent_min_size
+        vae.tile_sample_min_size = VAE_TILE_PIXELS
+        vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
+
+
+def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
+    """Switch memory options on for a loaded pipeline, in place."""
+    import torch
+
+    if "vae_slicing" in options:
+        pipe.vae.enable_slicing()
+    if "vae_tiling" in options:
+        enable_vae_tiling(pipe.vae)
+    if "attention_slicing" in options:
+        pipe.enable_attention_slicing()
+    if "model_cpu_offload" in options:
+        pipe.enable_model_cpu_offload(device=device)
+    elif "group_offload" in options:
+        enable_group_offload(pipe, torch.device(device))
+
+
+def enable_group_offload(pipe: Any, onload_device: Any) -> None:
+    """Block-level group offload of every component, one block per group, with the text
+    encoders streamed layer by layer too (autoquant.models.groups says why)."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    from autoquant.models.groups import block_modules
+
+    options: dict[str, Any] = {
+        "onload_device": onload_device,
+        "offload_type": "block_level",
+        "num_blocks_per_group": 1,
+    }
+    for component in pipe.components.values():
+        if hasattr(component, "enable_group_offload"):  # a diffusers model: as the pipeline does
+            component.enable_group_offload(**options)
+        elif isinstance(component, torch.nn.Module):
+            path = block_modules(component, "transformers")
+            apply_group_offloading(component, block_modules=path, **options)
+
+
+def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
+    """Turn on the tier's memory options and put the pipeline on its device."""
+    turn_on(pipe, planned.tier.memory_options, device)
+    # Offloading places the components itself; a device map already spread them over GPUs.
+    if not planned.tier.offloaded and not planned.device_map:
+        pipe.to(device)
+
+
+def pipeline_call_kwargs(inventory: ModelInventory, pipe: Any, **kwargs: Any) -> dict[str, Any]:
+    """Arguments every pipeline family accepts, adjusted per family."""
+    call = dict(kwargs)
+    if inventory.family == "flux":
+        call.setdefault("guidance_scale", _FLUX_GUIDANCE)
+        call.pop("negative_prompt", None)
+        tokenizer = getattr(pipe, "tokenizer_2", None)
+        limit = getattr(tokenizer, "model_max_length", 512)
+        call.setdefault("max_sequence_length", min(512, int(limit)))
+    return call
+
+
+def build_tier(
+    planned: PlannedTier,
+    *,
+    folder: Path,
+    inventory: ModelInventory,
+    device: str,
+    progress: bool,
+) -> DiffusionPipeline:
+    """Load one tier and make it ready to run (memory options applied, on its device)."""
+    backend = get_backend(planned.tier.backend)
+    request = BuildRequest(
+        folder=folder,
+        inventory=inventory,
+        tier=planned.tier,
+        device=device,
+        device_map=planned.device_map,
+        progress=progress,
+    )
+    pipe = backend.load(request)
+    backend.post_process(pipe, request)
+    apply_memory_options(pipe, planned, device)
+    return pipe
