@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from autoquant.execute.ladder import Result, execute
     from autoquant.execute.loader import load
-    from autoquant.planner import Plan, plan
+    from autoquant.planner.plan import Plan, plan
     from autoquant.probe import probe
     from autoquant.probe.types import HardwareProfile
 

@@ -23,7 +23,7 @@ from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, UNet2DCond
 
 from autoquant.backends.gguf import convert as gguf_convert
 from autoquant.backends.gguf.convert import (
-    GGUF_QTYPES,
+    GGUF_TYPES,
     check_gguf,
     convert_denoiser,
     denoiser_subfolder,
@@ -136,7 +136,7 @@ def flux_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FluxTrans
     return folder, model
 
 
-@pytest.mark.parametrize("qtype", GGUF_QTYPES)
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_unet_converts_and_loads_back(
     unet_case: tuple[Path, UNet2DConditionModel], qtype: str, tmp_path: Path
 ) -> None:
@@ -163,7 +163,7 @@ def test_unet_converts_and_loads_back(
     assert error < UNET_TOLERANCE[qtype]
 
 
-@pytest.mark.parametrize("qtype", GGUF_QTYPES)
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_flux_converts_and_loads_back(
     flux_case: tuple[Path, FluxTransformer2DModel], qtype: str, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+from autoquant.backends.gguf.formats import GGUF_BLOCK
 from autoquant.core.errors import ModelNotFoundError
 from autoquant.models import builtin_names, inventory, list_builtins, materialize, resolve
 from autoquant.models.builtin import load_builtin
@@ -265,7 +266,7 @@ def test_full_size_counts_on_meta_without_ram() -> None:
         inv = inventories[name]
         got = {c.name: (c.params, c.linear_params) for c in inv.components}
         assert got == expected, name
-        assert all(c.gguf_params == c.linear_params for c in inv.components)
+        assert all(c.linear_params_in_blocks(GGUF_BLOCK) == c.linear_params for c in inv.components)
     sdxl_unet = inventories["sdxl"].denoiser
     assert sdxl_unet.other_params == pytest.approx(0.333e9, rel=0.01)  # convs, norms, biases
     flux = inventories["flux-dev"]

@@ -1,4 +1,8 @@
-"""Quantization backends, one module each behind one interface; the registry maps names."""
+"""Quantization backends, one module (or subpackage) each behind one interface (base.py).
+
+This registry is the one place that lists them: adding a backend means writing its module and
+adding one line here. Everything else asks the registry and reads the backend's declarations.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,68 @@ from autoquant.backends.quanto import Quanto
 from autoquant.backends.torchao import TorchAo
 from autoquant.core.errors import BackendUnavailableError
 
+# In the order the probe lists them; "none" first.
 _REGISTRY: dict[str, type[QuantBackend]] = {
-    "none": NoQuantization,
-    "quanto": Quanto,
-    "bitsandbytes": BitsAndBytes,
-    "torchao": TorchAo,
-    "gguf": Gguf,
+    backend.name: backend for backend in (NoQuantization, BitsAndBytes, Quanto, TorchAo, Gguf)
 }
+BACKENDS = tuple(_REGISTRY)
+UNQUANTIZED = NoQuantization.name  # the tier of plain bf16/fp16/fp32 weights
 
 
-def get_backend(name: str) -> QuantBackend:
+def backend_class(name: str) -> type[QuantBackend]:
+    """The class of the backend called ``name``, whose declarations the caller reads."""
     try:
-        return _REGISTRY[name]()
+        return _REGISTRY[name]
     except KeyError:
         raise BackendUnavailableError(
             f"unknown backend {name!r}: choose one of {', '.join(_REGISTRY)}"
         ) from None
 
 
-__all__ = ["BuildRequest", "QuantBackend", "get_backend"]
+def get_backend(name: str) -> QuantBackend:
+    return backend_class(name)()
+
+
+def backend_classes() -> tuple[type[QuantBackend], ...]:
+    return tuple(_REGISTRY.values())
+
+
+def installable() -> tuple[type[QuantBackend], ...]:
+    """The backends that are a package of their own (what the probe looks for)."""
+    return tuple(b for b in _REGISTRY.values() if b.distribution)
+
+
+def converter_for(precision: str) -> type[QuantBackend]:
+    """The backend that writes files of format ``precision`` (`autoquant convert --to`)."""
+    writers = [b for b in _REGISTRY.values() if b.writes_files]
+    for backend in writers:
+        if precision in backend.precisions:
+            return backend
+    known = ", ".join(p for b in writers for p in b.precisions)
+    raise BackendUnavailableError(f"--to {precision!r}: choose one of {known}")
+
+
+def validate_tier_name(backend: str, precision: str | None) -> None:
+    """Raise ValueError with a one-line message for an unknown backend or precision."""
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    precisions = _REGISTRY[backend].precisions
+    if precision is not None and precision not in precisions:
+        raise ValueError(
+            f"unknown precision {precision!r} for backend {backend!r}: "
+            f"choose one of {', '.join(precisions)}"
+        )
+
+
+__all__ = [
+    "BACKENDS",
+    "UNQUANTIZED",
+    "BuildRequest",
+    "QuantBackend",
+    "backend_class",
+    "backend_classes",
+    "converter_for",
+    "get_backend",
+    "installable",
+    "validate_tier_name",
+]

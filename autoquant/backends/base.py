@@ -1,24 +1,58 @@
-"""The interface every quantization backend implements, and what they share.
+"""The interface every quantization backend implements: what it declares, and its lifecycle.
 
-Lifecycle per tier (as diffusers' quantizers do it): check the environment → build the
-quantization configs → load the pipeline. The executor then applies memory options, moves the
-pipeline to its device and smoke-tests it.
+A backend declares its facts on the class — precisions and their bytes per weight, how it is
+installed, where it runs, what it can quantize, which memory options it survives, what to tell
+the user — and the probe, the planner, the estimator and the bench read those declarations
+(docs/architecture.md). Nothing outside the backend's own module keeps a table of it.
+
+Lifecycle per tier (as diffusers' quantizers do it): check the environment → prepare files
+(GGUF's conversion, cached) → build the quantization configs → load the pipeline → post-process.
+The executor then applies memory options, moves the pipeline to its device and smoke-tests it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from autoquant.backends.tier import Tier
-from autoquant.models.types import ModelInventory
+from autoquant.core.errors import AutoquantError
+from autoquant.core.packages import module_present
+from autoquant.models.types import ComponentInventory, ModelInventory
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+
+# Accelerator kinds, as the probe names them (probe/types.py's Accelerator).
+ANY_ACCELERATOR = ("cuda", "rocm", "xpu", "mps", "cpu")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Bytes a weight costs in memory once loaded, split as quantizers split a model."""
+
+    linear_bytes: float  # per nn.Linear weight parameter the backend quantizes
+    # Quantizes only Linear weights whose in_features is a multiple of this (GGUF's blocks).
+    block: int = 1
+    activation_factor: float = 1.0  # activation memory relative to bf16 compute
+    load_peak_factor: float = 0.0  # load peak as a fraction of the bf16 size (0: no spike)
+    # Leaves the class's _keep_in_fp32_modules (T5's "wo") unquantized, at compute precision.
+    skips_kept_modules: bool = False
+    # Quantizes while loading onto the GPU: with offloading, every quantized component is on the
+    # GPU at once until the offload hooks move it off.
+    quantizes_on_device: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def quantized_params(self, component: ComponentInventory) -> int:
+        """How many of the component's parameters this format quantizes."""
+        quantized = component.linear_params_in_blocks(self.block)
+        if self.skips_kept_modules:
+            quantized -= component.kept_linear_params
+        return quantized
 
 
 @dataclass(frozen=True)
@@ -39,23 +73,109 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def accelerator_of(device: str) -> str:
+    """The accelerator kind of a torch device string ("cuda:0" → "cuda")."""
+    return device.split(":")[0]
+
+
 class QuantBackend(ABC):
-    """One way of quantizing a pipeline. Subclasses fill in the three lifecycle steps."""
+    """One way of quantizing a pipeline: its declarations, then the lifecycle steps."""
 
-    name: str
-    modules: tuple[str, ...] = ()  # importable modules this backend needs
-    install_hint: str = ""
+    # --- what it is -----------------------------------------------------------------------------
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]  # in the order a user would read them
+    formats: ClassVar[Mapping[str, WeightFormat]] = {}  # bytes per weight, by precision
 
-    def unavailable_reason(self, device: str) -> str | None:
+    # --- how it is installed (the probe reads these; None: nothing to install) -------------------
+    distribution: ClassVar[str | None] = None  # pip distribution, also its name in the probe
+    module: ClassVar[str | None] = None  # what must be importable
+    minimum_version: ClassVar[str | None] = None  # the oldest release diffusers 0.42 accepts
+    extra: ClassVar[str | None] = None  # autoquant's pip extra that installs it
+    loggers: ClassVar[tuple[str, ...]] = ()  # its chatty loggers, quieted by the CLI
+
+    # --- where it runs ---------------------------------------------------------------------------
+    # Accelerator kind → the precisions accepted there (None: all of them); absent: refused.
+    runs_on: ClassVar[Mapping[str, tuple[str, ...] | None]] = dict.fromkeys(ANY_ACCELERATOR)
+    refused_on_device: ClassVar[str] = ""  # why, when an accelerator is refused
+    fp8_precisions: ClassVar[tuple[str, ...]] = ()  # need a GPU with fp8 units (cc >= 8.9)
+    note_on: ClassVar[Mapping[str, str]] = {}  # accelerator → a caveat the probe shows there
+
+    # --- what it can do --------------------------------------------------------------------------
+    quantizes_text_encoders: ClassVar[bool] = False  # through transformers' own configs
+    survives_model_offload: ClassVar[bool] = True
+    # Block-level group offload (diffusers 0.42.1) leaves some backends' weights behind.
+    survives_group_offload: ClassVar[bool] = False
+    caveat: ClassVar[str | None] = None  # told whenever it is probed or used (a deprecation)
+    writes_files: ClassVar[bool] = False  # converts the model into its own files (`convert`)
+
+    # --- declarations read by everything else ----------------------------------------------------
+    @classmethod
+    def install_hint(cls) -> str:
+        return f"pip install 'autoquant-diffusers[{cls.extra}]'" if cls.extra else ""
+
+    @classmethod
+    def refusal(
+        cls, accelerator: str, precision: str | None = None, *, fp8: bool = False
+    ) -> str | None:
+        """Why this backend (at ``precision``, when given) cannot run on ``accelerator``, in one
+        sentence a user can act on; None if it can. ``fp8``: the GPU has fp8 units."""
+        if accelerator not in cls.runs_on:
+            return cls.refused_on_device
+        allowed = cls.runs_on[accelerator]
+        if precision is not None and allowed is not None and precision not in allowed:
+            return cls.note_on.get(accelerator) or cls.refused_on_device
+        if precision in cls.fp8_precisions and not fp8:
+            return f"{cls.name} {precision} needs a GPU of compute capability >= 8.9"
+        return None
+
+    @classmethod
+    def probe_note(cls, accelerator: str) -> str | None:
+        """What the probe says beside a usable status on ``accelerator``."""
+        return cls.note_on.get(accelerator) or cls.caveat
+
+    @classmethod
+    def format(cls, precision: str) -> WeightFormat | None:
+        return cls.formats.get(precision)
+
+    @classmethod
+    def text_encoder_precision(cls, precision: str) -> str:
+        """The precision its text encoders get when a tier at ``precision`` quantizes them."""
+        return precision
+
+    @classmethod
+    def vae_dtype(cls, precision: str, compute_dtype: str) -> str:
+        """The dtype the VAE runs in under this tier (its compute dtype unless declared)."""
+        return compute_dtype
+
+    @classmethod
+    def load_dtype(cls, precision: str, compute_dtype: str) -> str:
+        """The dtype everything it does not quantize is loaded in."""
+        return compute_dtype
+
+    @classmethod
+    def convert(
+        cls, folder: Path, precision: str, *, out: Path | None = None, progress: bool = True
+    ) -> Any:
+        """Write this format's files of ``folder`` (backends that declare ``writes_files``)."""
+        raise AutoquantError(f"{cls.name} writes no files of its own: nothing to convert")
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def unavailable_reason(self, device: str, precision: str | None = None) -> str | None:
         """Why this backend cannot run here, in one sentence a user can act on; None if it can."""
-        missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
-        if missing:
-            return f"{', '.join(missing)} is not installed: {self.install_hint}"
+        refused = self.refusal(accelerator_of(device), precision)
+        if refused:
+            return refused
+        if self.module and not module_present(self.module):
+            return f"{self.module} is not installed: {self.install_hint()}"
         return None
 
     def warnings(self) -> list[str]:
         """Caveats to tell the user when this backend is used."""
-        return []
+        return [self.caveat] if self.caveat else []
+
+    def prepare(self, request: BuildRequest) -> Any:
+        """Write the files this tier loads from (cached), before loading; None: nothing to do."""
+        return None
 
     def quant_mapping(self, request: BuildRequest) -> dict[str, Any]:
         """Per-component quantization configs (diffusers' for diffusers models, transformers'
@@ -78,14 +198,11 @@ class QuantBackend(ABC):
         mapping = self.quant_mapping(request)
         if mapping:
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
-        dtype: Any = torch_dtype(tier.compute_dtype)
-        if tier.backend == "none":
-            dtype = torch_dtype(tier.precision)
-        elif (tier.backend, tier.precision) == ("quanto", "mixed"):
-            # "mixed" keeps the VAE in fp32 for decode quality.
-            import torch
-
-            dtype = {"vae": torch.float32, "default": dtype}
+        load = self.load_dtype(tier.precision, tier.compute_dtype)
+        vae = self.vae_dtype(tier.precision, tier.compute_dtype)
+        dtype: Any = torch_dtype(load)
+        if vae != load:
+            dtype = {"vae": torch_dtype(vae), "default": dtype}
         if request.device_map:
             kwargs["device_map"] = request.device_map
         pipe = DiffusionPipeline.from_pretrained(
@@ -100,3 +217,8 @@ class QuantBackend(ABC):
     @abstractmethod
     def describe(self, tier: Tier) -> str:
         """What this tier quantizes, in words, for the report."""
+
+    def _quantized(self, request: BuildRequest) -> list[ComponentInventory]:
+        """The components of the request's model that its tier quantizes."""
+        wanted = request.tier.quantized_components
+        return [c for c in request.inventory.components if c.name in wanted]

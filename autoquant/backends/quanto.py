@@ -4,40 +4,62 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoquant.backends.base import BuildRequest, QuantBackend
+from autoquant.backends.base import BuildRequest, QuantBackend, WeightFormat
 from autoquant.backends.tier import Tier
 
 # Tier precision → quanto weight dtype. "mixed" is int8 weights with the VAE kept in fp32.
 _WEIGHTS = {"int8": "int8", "int4": "int4", "float8": "float8", "mixed": "int8"}
+# Text encoders get transformers' own QuantoConfig at int8, whatever the denoiser's precision.
+_TEXT_ENCODER_WEIGHTS = "int8"
+# transformers' quanto quantizer skips _keep_in_fp32_modules (T5's "wo"), as bitsandbytes does.
+_EIGHT_BIT = WeightFormat(1.0, skips_kept_modules=True)
 
 
 class Quanto(QuantBackend):
     name = "quanto"
-    modules = ("optimum.quanto",)
-    install_hint = "pip install 'autoquant-diffusers[quanto]'"
+    precisions = ("int8", "int4", "float8", "mixed")
+    formats = {
+        "int8": _EIGHT_BIT,
+        "mixed": _EIGHT_BIT,
+        "float8": _EIGHT_BIT,
+        # 4 bits + bf16 scale and shift per group of 128; it first materializes the bf16
+        # weights, so loading peaks at about 0.58× the bf16 model (measured 12.35 GiB for
+        # Flux-dev on an H200).
+        "int4": WeightFormat(0.5 + 4 / 128, load_peak_factor=0.58, skips_kept_modules=True),
+    }
+    distribution = "optimum-quanto"
+    module = "optimum.quanto"
+    minimum_version = "0.2.6"
+    extra = "quanto"
+    quantizes_text_encoders = True
+    # Group offload leaves its weights behind: "mat2 is on cpu" (an H200, tests/test_gpu.py).
+    survives_group_offload = False
+    caveat = "Quanto is deprecated in diffusers and will be removed in 1.0; it still works in 0.42"
 
-    def warnings(self) -> list[str]:
-        return ["Quanto is deprecated in diffusers and will be removed in 1.0; it works in 0.42"]
+    @classmethod
+    def text_encoder_precision(cls, precision: str) -> str:
+        return _TEXT_ENCODER_WEIGHTS
+
+    @classmethod
+    def vae_dtype(cls, precision: str, compute_dtype: str) -> str:
+        return "fp32" if precision == "mixed" else compute_dtype  # "mixed": decode quality
 
     def quant_mapping(self, request: BuildRequest) -> dict[str, Any]:
         import diffusers
         import transformers
 
-        tier = request.tier
-        weights = _WEIGHTS[tier.precision]
+        weights = _WEIGHTS[request.tier.precision]
         mapping: dict[str, Any] = {}
-        for component in request.inventory.components:
-            if component.name not in tier.quantized_components:
-                continue
+        for component in self._quantized(request):
             if component.library == "transformers":
-                # Text encoders: transformers' own QuantoConfig, int8 for every tier.
-                mapping[component.name] = transformers.QuantoConfig(weights="int8")
+                mapping[component.name] = transformers.QuantoConfig(weights=_TEXT_ENCODER_WEIGHTS)
             else:
                 mapping[component.name] = diffusers.QuantoConfig(weights_dtype=weights)
         return mapping
 
     def post_process(self, pipe: Any, request: BuildRequest) -> None:
-        if request.tier.precision != "mixed":
+        tier = request.tier
+        if self.vae_dtype(tier.precision, tier.compute_dtype) == tier.compute_dtype:
             return
         import torch
 
@@ -56,4 +78,5 @@ class Quanto(QuantBackend):
 
     def describe(self, tier: Tier) -> str:
         text = f"{_WEIGHTS[tier.precision]} weights in {', '.join(tier.quantized_components)}"
-        return text + ("; VAE in fp32" if tier.precision == "mixed" else "")
+        vae = self.vae_dtype(tier.precision, tier.compute_dtype)
+        return text + (f"; VAE in {vae}" if vae != tier.compute_dtype else "")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoquant.backends.base import BuildRequest, QuantBackend
+from autoquant.backends.base import BuildRequest, QuantBackend, WeightFormat
 from autoquant.backends.tier import Tier
+
+# Text encoders get int8 weight-only through transformers' TorchAoConfig.
+_TEXT_ENCODER_PRECISION = "int8"
 
 
 def _ao_config(precision: str) -> Any:
@@ -22,22 +25,40 @@ def _ao_config(precision: str) -> Any:
 
 class TorchAo(QuantBackend):
     name = "torchao"
-    modules = ("torchao",)
-    install_hint = "pip install 'autoquant-diffusers[torchao]'"
+    precisions = ("int8", "float8")
+    # torchao quantizes T5's _keep_in_fp32_modules too (unlike bitsandbytes and quanto); dynamic
+    # fp8 holds quantized copies of the activations.
+    formats = {
+        "int8": WeightFormat(1.0),
+        "float8": WeightFormat(1.0, activation_factor=1.8),
+    }
+    distribution = "torchao"
+    module = "torchao"
+    minimum_version = "0.15.0"
+    extra = "torchao"
+    loggers = ("torchao",)
+    fp8_precisions = ("float8",)
+    quantizes_text_encoders = True
+    # Measured on an H200: Flux-dev int8 streamed with group offload (docs/benchmarks.md).
+    survives_group_offload = True
+
+    @classmethod
+    def text_encoder_precision(cls, precision: str) -> str:
+        return _TEXT_ENCODER_PRECISION
 
     def quant_mapping(self, request: BuildRequest) -> dict[str, Any]:
         import diffusers
         import transformers
 
-        tier = request.tier
         mapping: dict[str, Any] = {}
-        for component in request.inventory.components:
-            if component.name not in tier.quantized_components:
-                continue
+        for component in self._quantized(request):
             if component.library == "transformers":
-                mapping[component.name] = transformers.TorchAoConfig(quant_type=_ao_config("int8"))
+                config = _ao_config(_TEXT_ENCODER_PRECISION)
+                mapping[component.name] = transformers.TorchAoConfig(quant_type=config)
             else:
-                mapping[component.name] = diffusers.TorchAoConfig(_ao_config(tier.precision))
+                mapping[component.name] = diffusers.TorchAoConfig(
+                    _ao_config(request.tier.precision)
+                )
         return mapping
 
     def describe(self, tier: Tier) -> str:

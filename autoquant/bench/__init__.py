@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier, validate_tier_name
+from autoquant.backends import UNQUANTIZED, backend_class, backend_classes, validate_tier_name
+from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.models.types import ModelInventory
 from autoquant.probe.types import HardwareProfile
 
 TEXT_ENCODERS = "te"  # "+te": the text encoders are quantized with the denoiser's backend
 COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile
-# The backends whose text encoders transformers can quantize (as the planner has it); GGUF
-# converts the denoiser only.
-_TEXT_ENCODER_BACKENDS = ("quanto", "bitsandbytes", "torchao")
 _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 
 
@@ -32,7 +30,7 @@ class TierSpec:
     backend: str
     precision: str
     text_encoders: bool = False
-    memory_options: tuple[str, ...] = ()  # in the order of planner.tiers.MEMORY_OPTIONS
+    memory_options: tuple[str, ...] = ()  # in the order of backends.tier.MEMORY_OPTIONS
     compile: bool = False
 
     @classmethod
@@ -51,10 +49,11 @@ class TierSpec:
             raise AutoquantError(
                 f"tier {text!r}: unknown extra {unknown[0]!r}; choose from {', '.join(known)}"
             )
-        if TEXT_ENCODERS in extras and backend not in _TEXT_ENCODER_BACKENDS:
+        if TEXT_ENCODERS in extras and not backend_class(backend).quantizes_text_encoders:
+            able = [b.name for b in backend_classes() if b.quantizes_text_encoders]
             raise AutoquantError(
                 f"tier {text!r}: +te needs a backend that quantizes text encoders "
-                f"({', '.join(_TEXT_ENCODER_BACKENDS)}); offload them instead (+model_cpu_offload)"
+                f"({', '.join(able)}); offload them instead (+model_cpu_offload)"
             )
         if all(o in extras for o in OFFLOAD_OPTIONS):
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
@@ -99,8 +98,8 @@ class TierSpec:
     def tier(self, inventory: ModelInventory, compute_dtype: str) -> Tier:
         """The planner's Tier for this spec on ``inventory``; ``compute_dtype`` is what a
         quantized tier computes in (an unquantized one computes in its own precision)."""
-        if self.backend == "none":
-            return Tier("none", self.precision, self.precision, (), self.memory_options)
+        if self.backend == UNQUANTIZED:
+            return Tier(UNQUANTIZED, self.precision, self.precision, (), self.memory_options)
         components: tuple[str, ...] = (inventory.denoiser.name,)
         if self.text_encoders:
             components += tuple(c.name for c in inventory.text_encoders)

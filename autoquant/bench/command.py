@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoquant.backends.tier import PRECISIONS, PROBE_NAMES
+from autoquant.backends import UNQUANTIZED, backend_classes
 from autoquant.bench import TierSpec, bench_device, parse_tier_list
 from autoquant.bench.budgets import (
     CPU_FIT_RULE,
@@ -173,14 +173,14 @@ def run_child(command: list[str], timeout: float | None) -> ChildOutcome:
 def usable_tiers(profile: HardwareProfile) -> list[TierSpec]:
     """`--tiers all`: every backend/precision the probe says can run here."""
     gpu = profile.primary_gpu if profile.has_gpu else None
+    accelerator = profile.accelerator if gpu else "cpu"
     specs = []
-    for backend, precisions in PRECISIONS.items():
-        if backend != "none" and not profile.backend_usable(PROBE_NAMES[backend]):
+    for backend in backend_classes():
+        if backend.distribution and not profile.backend_usable(backend.distribution):
             continue
-        for precision in precisions:
-            if (backend, precision) == ("torchao", "float8") and not (gpu and gpu.fp8):
-                continue  # needs compute capability >= 8.9
-            specs.append(TierSpec(backend, precision))
+        for precision in backend.precisions:
+            if not backend.refusal(accelerator, precision, fp8=bool(gpu and gpu.fp8)):
+                specs.append(TierSpec(backend.name, precision))
     return specs
 
 
@@ -228,7 +228,7 @@ def _prepare(args: argparse.Namespace) -> _Sweep:
     request = Request(width=width, height=height, batch=args.batch, steps=args.steps)
     compute_dtype = compute_dtype_for(profile, load_settings()["planner"]["compute_dtype"])
     # The reference: bf16 (the card's compute dtype) on a GPU; fp32 on the CPU.
-    reference = TierSpec("none", compute_dtype if device != "cpu" else "fp32")
+    reference = TierSpec(UNQUANTIZED, compute_dtype if device != "cpu" else "fp32")
     specs = usable_tiers(profile) if args.tiers.strip() == "all" else parse_tier_list(args.tiers)
     if args.compile:
         specs = [dataclasses.replace(s, compile=True) for s in specs]

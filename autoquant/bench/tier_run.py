@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant.backends.tier import PROBE_NAMES
+from autoquant.backends import backend_class
 from autoquant.bench import TierSpec, bench_device
 from autoquant.cli.args import quiet_libraries, width_height
 from autoquant.core.errors import error_line
@@ -203,6 +203,7 @@ def hardware_row(profile: HardwareProfile, device: str, backend: str) -> dict[st
 
     gpu = profile.primary_gpu if profile.has_gpu else None
     versions = {name: status.version for name, status in profile.backends.items()}
+    distribution = backend_class(backend).distribution
     return {
         "device": device,
         "card": gpu.name if gpu else None,
@@ -218,7 +219,7 @@ def hardware_row(profile: HardwareProfile, device: str, backend: str) -> dict[st
         "diffusers": versions.get("diffusers"),
         "transformers": metadata.version("transformers"),
         "backend": backend,
-        "backend_version": versions.get(PROBE_NAMES[backend]) if backend != "none" else None,
+        "backend_version": versions.get(distribution) if distribution else None,
     }
 
 
@@ -326,13 +327,12 @@ class _TierRun:
         from autoquant.planner.plan import PlannedTier
 
         tier, device = self.tier, self.device
-        if tier.backend == "gguf":
-            from autoquant.backends.gguf.convert import convert_denoiser
-
-            converted = convert_denoiser(self.folder, tier.precision, progress=False)
+        backend = backend_class(tier.backend)
+        if backend.writes_files:  # converting is timed apart from loading (it is cached)
+            converted = backend.convert(self.folder, tier.precision, progress=False)
             self.record["convert_seconds"] = converted.seconds
             self.record["convert_cached"] = converted.cache_hit
-            self.record["denoiser_file"] = "gguf"
+            self.record["denoiser_file"] = backend.name
             self.record["denoiser_file_bytes"] = converted.file_bytes
         else:
             component_dir = self.folder / self.inventory.denoiser.name
@@ -366,13 +366,13 @@ class _TierRun:
 
         import diffusers
 
-        from autoquant.backends import get_backend
         from autoquant.models.inventory import import_component_class
 
         getattr(diffusers, self.inventory.pipeline_class)
         for component in self.inventory.components:
             import_component_class(component.library, component.class_name)
-        for module in get_backend(self.tier.backend).modules:
+        module = backend_class(self.tier.backend).module
+        if module:
             importlib.import_module(module)
 
     def _generate(self, steps: int) -> np.ndarray:

@@ -1,13 +1,15 @@
-"""What every autoquant command line shares: argument types, one-line usage errors, and quiet
-libraries. Used by `autoquant` itself and by the commands runnable on their own (serve, bench)."""
+"""What every autoquant command line shares: argument types, one-line usage errors, the tuning
+flags (`plan`, `run`, `serve`), and quiet libraries."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from autoquant.backends import BACKENDS, backend_classes
 from autoquant.core.units import parse_size
+from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
 
 EXIT_USAGE = 2
 
@@ -40,6 +42,66 @@ def add_profile_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) 
         metavar="KEY=VALUE",
         dest="overrides",
         help="override one setting, e.g. planner.skip_if_fits=false; repeatable",
+    )
+
+
+def add_model_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
+    )
+
+
+def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--backend/--precision: force a tier, as `plan`, `run` and `serve` take them."""
+    p.add_argument("--backend", help=f"force a backend ({', '.join(BACKENDS)})")
+    p.add_argument("--precision", help="force a precision for --backend")
+
+
+def add_tuning_arguments(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, *, size_help: str
+) -> None:
+    """The flags of a command that tunes and builds (`run`, `serve`)."""
+    add_model_argument(p)
+    add_profile_arguments(p)
+    add_tier_arguments(p)
+    p.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory (real OOM)")
+    p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
+    p.add_argument("--size", type=width_height, help=size_help)
+    p.add_argument("--smoke-steps", type=positive_int, default=2, help="steps of the smoke test")
+    p.add_argument(
+        "--smoke-size", type=positive_int, help="side of the smoke test (default: --size)"
+    )
+    p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
+
+
+def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
+    """TuneOptions from the tuning flags every command shares (`run`, `plan`, `serve`)."""
+    width, height = args.size if args.size else (None, None)
+    return TuneOptions(
+        model=args.model,
+        profiles=tuple(args.profile),
+        overrides=tuple(args.overrides),
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        width=width,
+        height=height,
+        **extra,
+    )
+
+
+def tuning_options(args: argparse.Namespace, **extra: Any) -> TuneOptions:
+    """TuneOptions from `add_tuning_arguments`' flags."""
+    return options_from_args(
+        args,
+        vram_limit=args.vram_limit,
+        smoke_steps=args.smoke_steps,
+        smoke_size=args.smoke_size,
+        retune=args.retune,
+        **extra,
     )
 
 
@@ -79,5 +141,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
+    loggers = [name for backend in backend_classes() for name in backend.loggers]
+    for name in (*loggers, "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -14,10 +14,15 @@ from autoquant import __version__
 from autoquant.cli.args import (
     EXIT_USAGE,
     Parser,
+    add_model_argument,
     add_profile_arguments,
+    add_tier_arguments,
+    add_tuning_arguments,
+    options_from_args,
     positive_int,
     quiet_libraries,
     size_text,
+    tuning_options,
     width_height,
 )
 from autoquant.core.console import progress_log
@@ -31,18 +36,7 @@ def _add_machine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-capability", help="with an emulated CUDA GPU, e.g. 8.9 (default 8.6)")
 
 
-def _add_model(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=default,
-        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from autoquant.execute.tuning import DEFAULT_MODEL
-
     parser = Parser(
         prog="autoquant",
         description="Hardware-aware quantization tuning for diffusers pipelines.",
@@ -58,35 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("plan", help="decide a tier without building anything")
-    _add_model(p, DEFAULT_MODEL)
+    add_model_argument(p)
     _add_machine(p)
     add_profile_arguments(p)
-    p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
-    p.add_argument("--precision", help="force a precision for --backend")
+    add_tier_arguments(p)
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
     p.add_argument("--batch", type=positive_int, help="images per prompt the estimate is for")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
-    _add_model(p, DEFAULT_MODEL)
-    add_profile_arguments(p)
+    add_tuning_arguments(p, size_help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default 20)")
-    p.add_argument(
-        "--size", type=width_height, help="WIDTHxHEIGHT (default: the model's native size)"
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
-    p.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, torchao, gguf)")
-    p.add_argument("--precision", help="force a precision for --backend")
-    p.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory (real OOM)")
-    p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
-    p.add_argument("--smoke-steps", type=positive_int, default=2, help="steps of the smoke test")
-    p.add_argument(
-        "--smoke-size", type=positive_int, help="side of the smoke test (default: --size)"
-    )
-    p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
 
     p = sub.add_parser("cache", help="the saved tuning decisions")
@@ -173,7 +153,7 @@ def _print_plan(the_plan: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autoquant.execute.tuning import make_plan, options_from_args
+    from autoquant.execute.tuning import make_plan
 
     options = options_from_args(
         args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
@@ -194,19 +174,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from autoquant.cli.outputs import write_run
     from autoquant.execute.recover import generate
-    from autoquant.execute.tuning import options_from_args, tune
+    from autoquant.execute.tuning import tune
 
     log = progress_log(not args.json)
     diffusers_logging.disable_progress_bar()  # per-component bars; the executor logs per tier
-    options = options_from_args(
-        args,
-        vram_limit=args.vram_limit,
-        steps=args.steps,
-        smoke_steps=args.smoke_steps,
-        smoke_size=args.smoke_size,
-        progress=not args.json,
-        retune=args.retune,
-    )
+    options = tuning_options(args, steps=args.steps, progress=not args.json)
     started = time.perf_counter()
     result = tune(options, log=log)
     tuned = time.perf_counter() - started
@@ -298,13 +270,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from autoquant import models
-    from autoquant.backends.gguf.convert import GGUF_QTYPES, convert_denoiser
+    from autoquant.backends import converter_for
 
-    if args.qtype not in GGUF_QTYPES:
-        raise AutoquantError(f"--to {args.qtype!r}: choose one of {', '.join(GGUF_QTYPES)}")
+    converter = converter_for(args.qtype)
     source = models.resolve(args.model)
     folder = models.materialize(source, progress=not args.json)
-    result = convert_denoiser(folder, args.qtype, out=args.out, progress=not args.json)
+    result = converter.convert(folder, args.qtype, out=args.out, progress=not args.json)
     if args.json:
         _print_json({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
         return 0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.backends.tier import validate_tier_name
+from autoquant.backends import validate_tier_name
 from autoquant.core.console import Log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import parse_size
@@ -42,22 +41,6 @@ class TuneOptions:
     progress: bool = True
     use_cache: bool = True  # consult and update the tuning cache
     retune: bool = False  # ignore a saved decision (and replace it)
-
-
-def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
-    """TuneOptions from the tuning flags every command shares (`run`, `plan`, `serve`)."""
-    width, height = args.size if args.size else (None, None)
-    return TuneOptions(
-        model=args.model,
-        profiles=tuple(args.profile),
-        overrides=tuple(args.overrides),
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
-        width=width,
-        height=height,
-        **extra,
-    )
 
 
 def settings_for(options: TuneOptions) -> dict[str, Any]:

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Bump when what is counted, or how, changes: old cache entries then stop matching.
-CACHE_FORMAT = 2  # 2: group_resident_params
-GGUF_BLOCK = 32  # GGUF quantizes a weight only if its last dim (in_features) is a multiple of this
+CACHE_FORMAT = 3  # 2: group_resident_params; 3: linear_in_features
 
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
@@ -117,18 +116,20 @@ def build_on_meta(library: str, class_name: str, config: dict[str, Any]) -> nn.M
     return model
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int, int, int]:
-    """(all parameters, nn.Linear weights, nn.Linear weights GGUF can quantize, nn.Linear
-    weights in the class's ``_keep_in_fp32_modules``)."""
+def count_parameters(model: nn.Module) -> tuple[int, int, tuple[tuple[int, int], ...], int]:
+    """(all parameters, nn.Linear weights, those weights per in_features, nn.Linear weights in
+    the class's ``_keep_in_fp32_modules``)."""
     from torch import nn
 
     params = sum(p.numel() for p in model.parameters())
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     linear = sum(m.weight.numel() for m in linears.values())
-    gguf = sum(m.weight.numel() for m in linears.values() if m.in_features % GGUF_BLOCK == 0)
+    by_width: dict[int, int] = {}
+    for m in linears.values():
+        by_width[m.in_features] = by_width.get(m.in_features, 0) + m.weight.numel()
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     kept = sum(m.weight.numel() for name, m in linears.items() if keep & set(name.split(".")))
-    return params, linear, gguf, kept
+    return params, linear, tuple(sorted(by_width.items())), kept
 
 
 def inventory(source: ModelSource) -> ModelInventory:
@@ -171,13 +172,13 @@ def _count(layout: PipelineLayout) -> dict[str, Any]:
     components = []
     for name, (library, class_name) in counted_components(layout.model_index).items():
         model = build_on_meta(library, class_name, layout.configs[name])
-        params, linear, gguf, kept = count_parameters(model)
+        params, linear, by_width, kept = count_parameters(model)
         resident = resident_params(model, library)
         role = component_role(name)
         assert role is not None
         components.append(
             ComponentInventory(
-                name, role, library, class_name, params, linear, gguf, kept, resident
+                name, role, library, class_name, params, linear, by_width, kept, resident
             ).to_dict()
         )
     if not any(c["role"] == "denoiser" for c in components):
@@ -216,7 +217,12 @@ def _inventory_from_dict(source: ModelSource, data: dict[str, Any]) -> ModelInve
         source=source,
         family=data["family"],
         pipeline_class=data["pipeline_class"],
-        components=tuple(ComponentInventory(**c) for c in data["components"]),
+        components=tuple(_component_from_dict(c) for c in data["components"]),
         default_size=int(data["default_size"]),
         vae_scale_factor=int(data["vae_scale_factor"]),
     )
+
+
+def _component_from_dict(data: dict[str, Any]) -> ComponentInventory:
+    pairs = tuple((int(width), int(params)) for width, params in data["linear_in_features"])
+    return ComponentInventory(**{**data, "linear_in_features": pairs})

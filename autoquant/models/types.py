@@ -34,12 +34,18 @@ class ComponentInventory:
     class_name: str
     params: int  # every parameter
     linear_params: int  # weights of nn.Linear modules: what diffusers' quantizers replace
-    gguf_params: int  # the subset of linear_params whose in_features % 32 == 0 (GGUF-quantizable)
+    # nn.Linear weight parameters per in_features, as (in_features, params) pairs: block
+    # quantizers (GGUF) take only rows that are a multiple of their block.
+    linear_in_features: tuple[tuple[int, int], ...]
     # The subset of linear_params in the class's _keep_in_fp32_modules (T5's "wo"), which the
     # bitsandbytes and quanto quantizers leave unquantized.
     kept_linear_params: int
     # What block-level group offload keeps on the device at once (models/groups.py).
     group_resident_params: int
+
+    def linear_params_in_blocks(self, block: int) -> int:
+        """The nn.Linear weights whose in_features is a multiple of ``block``."""
+        return sum(params for width, params in self.linear_in_features if width % block == 0)
 
     @property
     def other_params(self) -> int:
@@ -55,7 +61,7 @@ class ComponentInventory:
             "class_name": self.class_name,
             "params": self.params,
             "linear_params": self.linear_params,
-            "gguf_params": self.gguf_params,
+            "linear_in_features": [list(pair) for pair in self.linear_in_features],
             "kept_linear_params": self.kept_linear_params,
             "group_resident_params": self.group_resident_params,
         }

@@ -1,8 +1,8 @@
 """Memory estimates per tier, from parameter counts alone (no weights are loaded).
 
-Calibrated against the measured figures in ../shared/notes/gpu-anchors.md (SDXL UNet and the
-Flux-dev transformer on an H200, every backend); tests/test_estimate.py holds every row of that
-table to ±10%.
+Bytes per weight come from each backend's declared formats (autoquant/backends/). Calibrated
+against the committed H200 measurements in docs/benchmarks/ (SDXL and Flux-dev, every backend);
+tests/test_estimate.py holds every one of them to ±10%.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.backends.tier import DTYPE_BYTES, QUANT_FORMATS, VAE_TILE_PIXELS, Tier
+from autoquant.backends import backend_class
+from autoquant.backends.base import WeightFormat
+from autoquant.backends.tier import DTYPE_BYTES, VAE_TILE_PIXELS, Tier
 from autoquant.models.types import ComponentInventory, ModelInventory
 
 GiB = 1024**3
@@ -92,17 +94,13 @@ class Estimate:
 
 
 def component_weight_bytes(
-    component: ComponentInventory, backend: str, precision: str, compute_dtype: str
+    component: ComponentInventory, fmt: WeightFormat | None, dtype: str
 ) -> int:
-    """Bytes of one component's weights once loaded in the given format."""
-    dense = DTYPE_BYTES[compute_dtype]
-    if backend == "none":
-        return int(component.params * DTYPE_BYTES[precision] * _ALLOCATOR_OVERHEAD)
-    fmt = QUANT_FORMATS[(backend, precision)]
-    quantized = component.linear_params if fmt.quantizes_all_linear else component.gguf_params
-    if fmt.skips_kept_modules:
-        quantized -= component.kept_linear_params
-    raw = quantized * fmt.linear_bytes + (component.params - quantized) * dense
+    """Bytes of one component's weights once loaded: what ``fmt`` quantizes at its bytes per
+    weight, every other parameter at ``dtype`` (all of them when ``fmt`` is None)."""
+    quantized = fmt.quantized_params(component) if fmt else 0
+    linear_bytes = fmt.linear_bytes if fmt else 0.0
+    raw = quantized * linear_bytes + (component.params - quantized) * DTYPE_BYTES[dtype]
     return int(raw * _ALLOCATOR_OVERHEAD)
 
 
@@ -115,8 +113,9 @@ def denoiser_activation_bytes(inventory: ModelInventory, request: Request, tier:
     batch = request.batch * (2 if inventory.family in _CFG_FAMILIES else 1)
     per_pixel = _ACTIVATION_PER_LATENT_PIXEL[kind]
     factor = _FP32_ACTIVATION_FACTOR if tier.compute_dtype == "fp32" else 1.0
-    if tier.backend != "none":
-        factor *= QUANT_FORMATS[(tier.backend, tier.precision)].activation_factor
+    fmt = _format(tier)
+    if fmt is not None:
+        factor *= fmt.activation_factor
     return int(latent_pixels * batch * per_pixel * factor)
 
 
@@ -132,32 +131,29 @@ def vae_decode_bytes(inventory: ModelInventory, request: Request, tier: Tier) ->
 
 
 def _vae_dtype(tier: Tier) -> str:
-    # Quanto "mixed" keeps the VAE in fp32 for quality; otherwise it runs at compute precision.
-    return "fp32" if (tier.backend, tier.precision) == ("quanto", "mixed") else tier.compute_dtype
+    return backend_class(tier.backend).vae_dtype(tier.precision, tier.compute_dtype)
+
+
+def _format(tier: Tier) -> WeightFormat | None:
+    return backend_class(tier.backend).format(tier.precision)
 
 
 def _component_bytes(inventory: ModelInventory, tier: Tier) -> dict[str, int]:
+    backend = backend_class(tier.backend)
     sizes: dict[str, int] = {}
     for component in inventory.components:
         if component.role == "vae":
-            sizes[component.name] = component_weight_bytes(
-                component, "none", _vae_dtype(tier), tier.compute_dtype
-            )
+            sizes[component.name] = component_weight_bytes(component, None, _vae_dtype(tier))
         elif component.name in tier.quantized_components:
-            # Text encoders are quantized with the same backend at its 8-bit/4-bit format;
-            # Quanto "mixed"/"float8" map to int8 for them.
-            precision = "int8" if tier.precision in ("mixed", "float8") else tier.precision
+            precision = tier.precision
+            if component.role == "text_encoder":
+                precision = backend.text_encoder_precision(tier.precision)
             sizes[component.name] = component_weight_bytes(
-                component, tier.backend, precision, tier.compute_dtype
+                component, backend.format(precision), tier.compute_dtype
             )
-        elif tier.backend == "none":
-            sizes[component.name] = component_weight_bytes(
-                component, "none", tier.precision, tier.compute_dtype
-            )
-        else:
-            sizes[component.name] = component_weight_bytes(
-                component, "none", tier.compute_dtype, tier.compute_dtype
-            )
+        else:  # unquantized: at the precision the backend loads it in
+            dtype = backend.load_dtype(tier.precision, tier.compute_dtype)
+            sizes[component.name] = component_weight_bytes(component, None, dtype)
     return sizes
 
 
@@ -189,12 +185,10 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
     offloaded = on_gpu and tier.offloaded
     host = sum(sizes.values()) if offloaded else 0
 
-    fmt = QUANT_FORMATS.get((tier.backend, tier.precision))
+    fmt = _format(tier)
     load_peak = peak
     if fmt is not None and fmt.load_peak_factor:
-        dense_denoiser = component_weight_bytes(
-            inventory.denoiser, "none", tier.compute_dtype, tier.compute_dtype
-        )
+        dense_denoiser = component_weight_bytes(inventory.denoiser, None, tier.compute_dtype)
         others = 0 if offloaded else sum(s for n, s in sizes.items() if n != denoiser)
         load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
     if offloaded and fmt is not None and fmt.quantizes_on_device:
@@ -211,24 +205,3 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         overhead_bytes=overhead,
         host_bytes=host,
     )
-
-
-def estimate_denoiser(
-    inventory: ModelInventory, tier: Tier, request: Request
-) -> tuple[int, int, int]:
-    """(weights, forward peak, load peak) of the denoiser alone on a GPU, the quantities the
-    measured anchor table reports."""
-    component = inventory.denoiser
-    if tier.backend == "none":
-        weights = component_weight_bytes(component, "none", tier.precision, tier.compute_dtype)
-    else:
-        weights = component_weight_bytes(
-            component, tier.backend, tier.precision, tier.compute_dtype
-        )
-    peak = weights + denoiser_activation_bytes(inventory, request, tier)
-    fmt = QUANT_FORMATS.get((tier.backend, tier.precision))
-    load_peak = weights
-    if fmt is not None and fmt.load_peak_factor:
-        dense = component_weight_bytes(component, "none", tier.compute_dtype, tier.compute_dtype)
-        load_peak = max(weights, int(dense * fmt.load_peak_factor))
-    return weights, peak, load_peak

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoquant.backends.tier import PROBE_NAMES, Tier
+from autoquant.backends import UNQUANTIZED, backend_class
+from autoquant.backends.tier import Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes
 from autoquant.models.types import ModelInventory, ModelSource
@@ -15,19 +16,12 @@ from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
 from autoquant.probe.types import HardwareProfile
 
 GB = 1e9
-# Group offload leaves quantized weights behind in diffusers 0.42.1: GGUF fails with KeyError
-# None (shared notes), quanto with "mat2 is on cpu" (measured on an H200, tests/test_gpu.py),
-# bitsandbytes NF4 with "CUBLAS_STATUS_INTERNAL_ERROR when calling cublasCreate" in its first
-# generation (Flux-dev on an H200, docs/benchmarks.md).
-_GROUP_OFFLOAD_BACKENDS = {"none", "torchao"}
 # Memory options by what they cost in speed, cheapest first. Falling down the ladder tries every
 # tier at one cost before any tier at the next: model offload moves each component once per
 # generation, group offload streams the weights on every step. On an H200, a Flux-dev torchao
 # int8 transformer forward took 8.0 s with group offload, while with model offload a forward
 # costs what it does resident (quanto int8: 233 ms; gguf q5_1: 473 ms).
 _OFFLOAD_COSTS = (None, "model_cpu_offload", "group_offload")
-# Backends that can quantize transformers text encoders through transformers' own configs.
-_TEXT_ENCODER_QUANTIZERS = {"quanto", "bitsandbytes", "torchao"}
 
 
 @dataclass(frozen=True)
@@ -147,13 +141,15 @@ def _match(
 
 
 def _unusable_reason(ctx: _Context, backend: str, precision: str) -> str | None:
-    if backend == "none":
-        return None
-    if (backend, precision) == ("torchao", "float8"):
-        gpu = ctx.profile.primary_gpu
-        if not (ctx.on_gpu and gpu is not None and gpu.fp8):
-            return "torchao float8 needs a GPU of compute capability >= 8.9"
-    status = ctx.profile.backends.get(PROBE_NAMES[backend])
+    declared = backend_class(backend)
+    accelerator = ctx.profile.accelerator if ctx.on_gpu else "cpu"
+    gpu = ctx.profile.primary_gpu
+    refused = declared.refusal(accelerator, precision, fp8=bool(ctx.on_gpu and gpu and gpu.fp8))
+    if refused:
+        return refused
+    if declared.distribution is None:
+        return None  # nothing to install
+    status = ctx.profile.backends.get(declared.distribution)
     if status is None or not status.usable:
         return (status.reason if status else None) or f"{backend} is not installed"
     return None
@@ -161,11 +157,11 @@ def _unusable_reason(ctx: _Context, backend: str, precision: str) -> str | None:
 
 def _base_tier(ctx: _Context, backend: str, precision: str) -> Tier:
     inv = ctx.inventory
-    if backend == "none":
-        return Tier("none", precision, precision)
+    if backend == UNQUANTIZED:
+        return Tier(UNQUANTIZED, precision, precision)
     components: tuple[str, ...] = (inv.denoiser.name,)
     policy = ctx.settings["components"]["quantize_text_encoders"]
-    if policy == "always" and backend in _TEXT_ENCODER_QUANTIZERS:
+    if policy == "always" and backend_class(backend).quantizes_text_encoders:
         components += tuple(c.name for c in inv.text_encoders)
     return Tier(backend, precision, ctx.compute_dtype, components)
 
@@ -178,7 +174,7 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
     policy = ctx.settings["components"]["quantize_text_encoders"]
     if (
         policy == "auto"
-        and base.backend in _TEXT_ENCODER_QUANTIZERS
+        and backend_class(base.backend).quantizes_text_encoders
         and inv.text_encoders
         and len(base.quantized_components) == 1
     ):
@@ -192,13 +188,13 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         out.append((tier, None, "with the text encoders quantized"))
     tier = tier.with_options("vae_slicing", "vae_tiling")
     out.append((tier, None, "with VAE slicing and tiling"))
-    if not ctx.on_gpu or base.backend == "none":
+    if not ctx.on_gpu or base.backend == UNQUANTIZED:
         return out
     if len(ctx.profile.gpus) > 1 and ctx.settings["planner"]["allow_multi_gpu"]:
         out.append((tier, "balanced", f"spread over {len(ctx.profile.gpus)} GPUs"))
     if ctx.settings["planner"]["allow_offload"]:
         out.append((tier.with_options("model_cpu_offload"), None, "with model CPU offload"))
-        if base.backend in _GROUP_OFFLOAD_BACKENDS:
+        if backend_class(base.backend).survives_group_offload:
             out.append((tier.with_options("group_offload"), None, "with group offload"))
     return out
 
@@ -274,7 +270,7 @@ def _tree_choice(ctx: _Context) -> tuple[str, str]:
 
 
 def _precision_for(ctx: _Context, backend: str, *, say: bool = True) -> str:
-    if backend == "none":
+    if backend == UNQUANTIZED:
         return ctx.compute_dtype
     spec = ctx.settings["precision"].get(backend)
     if spec is None:
@@ -307,7 +303,7 @@ def _choose(ctx: _Context) -> PlannedTier:
         return chosen
 
     if settings["planner"]["skip_if_fits"] and ctx.on_gpu:
-        unquantized = _fit(ctx, "none", ctx.compute_dtype, allow_shrink=True)
+        unquantized = _fit(ctx, UNQUANTIZED, ctx.compute_dtype, allow_shrink=True)
         ctx.path.append(f"fits unquantized? {_describe_fit(ctx, unquantized)}")
         if unquantized.fits:
             ctx.path.append("→ no quantization: it only costs speed when the model fits")

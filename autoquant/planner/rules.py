@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from autoquant.backends.tier import MEMORY_OPTIONS, PRECISIONS, validate_tier_name
+from autoquant.backends import BACKENDS, validate_tier_name
+from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import ConfigError
 
 # Keys whose default is null (or a list) and the types they accept when set.
@@ -29,7 +30,7 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
     "force.precision": (str,),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "planner.compute_dtype": ("auto", "bf16", "fp16", "fp32"),
+    "planner.compute_dtype": ("auto", *COMPUTE_DTYPES),
     "hardware.device": ("cuda", "cpu", "mps"),
     "priorities.quality": ("balanced", "quality_first"),
     "priorities.deployment": ("production", "development"),
@@ -283,7 +284,7 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
 
     for backend, spec in settings["precision"].items():
         here = where(f"precision.{backend}")
-        if backend not in PRECISIONS:
+        if backend not in BACKENDS:
             raise ConfigError(f"{here}: unknown backend {backend!r} in 'precision'")
         if not isinstance(spec, dict) or "by" not in spec:
             raise ConfigError(f"{here}: precision.{backend} needs 'by: <priority>' and choices")

@@ -12,7 +12,7 @@ import logging
 import signal
 from typing import Any
 
-from autoquant.cli.args import add_profile_arguments, positive_int, size_text, width_height
+from autoquant.cli.args import add_tuning_arguments, positive_int, tuning_options
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import parse_size
 
@@ -37,30 +37,10 @@ def _milliseconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from autoquant.execute.tuning import DEFAULT_MODEL
-
     tuning = p.add_argument_group("tuning (as `autoquant run`)")
-    tuning.add_argument(
-        "--model",
-        "-m",
-        default=DEFAULT_MODEL,
-        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
+    add_tuning_arguments(
+        tuning, size_help="WIDTHxHEIGHT tuned for and served by default (model's native)"
     )
-    add_profile_arguments(tuning)
-    tuning.add_argument("--backend", help="force a backend (none, quanto, bitsandbytes, …)")
-    tuning.add_argument("--precision", help="force a precision for --backend")
-    tuning.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory")
-    tuning.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device")
-    tuning.add_argument(
-        "--size",
-        type=width_height,
-        help="WIDTHxHEIGHT tuned for and served by default (model's native)",
-    )
-    tuning.add_argument(
-        "--smoke-steps", type=positive_int, default=2, help="steps of the smoke test"
-    )
-    tuning.add_argument("--smoke-size", type=positive_int, help="side of the smoke test (--size)")
-    tuning.add_argument("--retune", action="store_true", help="ignore the saved tuning decision")
 
     serving = p.add_argument_group("serving")
     serving.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
@@ -105,16 +85,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _tune_options(args: argparse.Namespace) -> Any:
-    from autoquant.execute.tuning import options_from_args
-
-    return options_from_args(
-        args,
-        vram_limit=args.vram_limit,
-        smoke_steps=args.smoke_steps,
-        smoke_size=args.smoke_size,
-        progress=False,  # the server logs each tier instead of drawing progress bars
-        retune=args.retune,
-    )
+    # The server logs each tier instead of drawing progress bars.
+    return tuning_options(args, progress=False)
 
 
 def run(args: argparse.Namespace) -> int:

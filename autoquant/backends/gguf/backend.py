@@ -1,29 +1,55 @@
-"""GGUF: the denoiser converted to a GGUF file (cached), loaded with `from_single_file` and
-passed into the pipeline as a component. Dequantizes per forward (pure torch on CPU)."""
+"""GGUF: the denoiser converted to a GGUF file (cached, convert.py), loaded with
+`from_single_file` and passed into the pipeline as a component. Dequantizes per forward (pure
+torch on CPU)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from autoquant.backends.base import BuildRequest, QuantBackend, torch_dtype
+from autoquant.backends.base import BuildRequest, QuantBackend, WeightFormat, torch_dtype
+from autoquant.backends.gguf.formats import BLOCK_BYTES, GGUF_BLOCK, GGUF_TYPES
 from autoquant.backends.tier import Tier
 
 
 class Gguf(QuantBackend):
     name = "gguf"
-    modules = ("gguf",)
-    install_hint = "pip install 'autoquant-diffusers[gguf]'"
+    precisions = GGUF_TYPES
+    formats = {
+        qtype: WeightFormat(size / GGUF_BLOCK, block=GGUF_BLOCK)
+        for qtype, size in BLOCK_BYTES.items()
+    }
+    distribution = "gguf"
+    module = "gguf"
+    minimum_version = "0.10.0"
+    extra = "gguf"
+    # Group offload fails with KeyError None in diffusers 0.42.1 (tests/test_gpu.py).
+    survives_group_offload = False
+    writes_files = True  # `autoquant convert` writes its files
+    note_on = dict.fromkeys(
+        ("cuda", "rocm", "xpu", "mps", "cpu"),
+        "GGUF runs by dequantizing weights on every forward (slower than bf16) and loads "
+        "pre-quantized files only",
+    )
+
+    @classmethod
+    def convert(
+        cls, folder: Path, precision: str, *, out: Path | None = None, progress: bool = True
+    ) -> Any:
+        """Write (or find in the cache) the GGUF file of ``folder``'s denoiser."""
+        from autoquant.backends.gguf.convert import convert_denoiser
+
+        return convert_denoiser(folder, precision, out=out, progress=progress)
+
+    def prepare(self, request: BuildRequest) -> Any:
+        return self.convert(request.folder, request.tier.precision, progress=request.progress)
 
     def components(self, request: BuildRequest) -> dict[str, Any]:
         import diffusers
         from diffusers import GGUFQuantizationConfig
 
-        from autoquant.backends.gguf.convert import convert_denoiser
-
         denoiser = request.inventory.denoiser
-        converted = convert_denoiser(
-            request.folder, request.tier.precision, progress=request.progress
-        )
+        converted = self.prepare(request)  # a cache hit once prepared
         model_class = getattr(diffusers, denoiser.class_name)
         compute = torch_dtype(request.tier.compute_dtype)
         model = model_class.from_single_file(

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import autoquant
+from autoquant.backends.gguf.formats import GGUF_BLOCK, GGUF_TYPES
 from autoquant.core.errors import AutoquantError, CacheCorruptError, ModelNotFoundError
 from autoquant.core.paths import cache_dir
 from autoquant.models.identity import component_identity
@@ -50,10 +51,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-GGUF_QTYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-
-# Every type in GGUF_QTYPES quantizes a row in blocks of 32 values.
-_QUANT_BLOCK = 32
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Floating dtypes as safetensors names them, with their size in bytes. Integer tensors cannot be
@@ -166,8 +163,8 @@ def convert_denoiser(
     stderr.
     """
     started = time.perf_counter()
-    if qtype not in GGUF_QTYPES:
-        raise AutoquantError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_QTYPES)}")
+    if qtype not in GGUF_TYPES:
+        raise AutoquantError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
     subfolder = denoiser_subfolder(folder)
     component_dir = folder / subfolder
     source = _read_source_tensors(_weight_shards(component_dir))
@@ -384,7 +381,7 @@ def _plan_types(
         if (
             tensor.name in quantizable_weights
             and len(tensor.shape) == 2
-            and tensor.shape[-1] % _QUANT_BLOCK == 0
+            and tensor.shape[-1] % GGUF_BLOCK == 0
         ):
             ggml_type = quant_type
         elif tensor.dtype == "F16":
