@@ -14,11 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from machines import CPU_FLAGS, made_up_machine
 
+import autoquant.probe
 from autoquant.bench import TierSpec, parse_tier_list
 from autoquant.bench import command as bench_command
 from autoquant.bench.budgets import GB, budget_rows, confirm_targets, parse_budgets
 from autoquant.bench.fidelity import psnr, quality_score, ssim
+from autoquant.cli.main import main
 from autoquant.core.errors import AutoquantError
 
 SWEEP_TIERS = "none:fp32,none:bf16,gguf:q8_0,gguf:q4_0,quanto:int8,torchao:int8"
@@ -139,11 +142,11 @@ def test_resume_and_report_only_reuse_the_measured_tiers(sweep: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (sweep / "tiers").glob("*.json")}
     tiers = f"{SWEEP_TIERS},{FAILING_TIER}"
     args = ["--model", "builtin:tiny-sd", "--tiers", tiers, "--size", "64x64"]
-    assert bench_command.main([*args, "--out", str(sweep), "--resume", "--budgets", "6"]) == 0
+    assert main(["bench", *args, "--out", str(sweep), "--resume", "--budgets", "6"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in (sweep / "tiers").glob("*.json")}
     assert after == before  # nothing measured again
     assert [row["budget_gb"] for row in _bench(sweep)["budgets"]] == [6.0]
-    assert bench_command.main([*args, "--out", str(sweep), "--report-only"]) == 0
+    assert main(["bench", *args, "--out", str(sweep), "--report-only"]) == 0
     assert len(_bench(sweep)["budgets"]) == 8  # the default budgets
 
 
@@ -176,14 +179,14 @@ def test_a_crashed_or_hung_tier_is_recorded_and_the_sweep_goes_on(
 ) -> None:
     _fake_children(monkeypatch, "import sys; print('boom', file=sys.stderr); sys.exit(3)")
     args = ["--model", "builtin:tiny-sd", "--tiers", "none:fp32,gguf:q8_0", "--budgets", "8"]
-    assert bench_command.main([*args, "--out", str(tmp_path / "crash")]) == 0
+    assert main(["bench", *args, "--out", str(tmp_path / "crash")]) == 0
     tiers = _tiers(tmp_path / "crash")
     assert [t["status"] for t in tiers.values()] == ["crashed", "crashed"]
     assert "exited with 3" in tiers["gguf:q8_0"]["error"] and "boom" in tiers["gguf:q8_0"]["error"]
 
     _fake_children(monkeypatch, "import time; time.sleep(60)")
     out = tmp_path / "hang"
-    assert bench_command.main([*args, "--out", str(out), "--tier-timeout", "1"]) == 0
+    assert main(["bench", *args, "--out", str(out), "--tier-timeout", "1"]) == 0
     assert {t["status"] for t in _tiers(out).values()} == {"timeout"}
 
 
@@ -205,9 +208,12 @@ def _fake_gpu_children(
     monkeypatch: pytest.MonkeyPatch,
     commands: list[list[str]],
     autoquant_run: Callable[[list[str]], bench_command.ChildOutcome] = _completed_run,
+    *,
+    cpu: str,
 ) -> None:
-    """Fake the GPU: tier children write made-up records, `autoquant run` children answer
-    what ``autoquant_run`` says."""
+    """Fake the machine: an 80 GB GPU on a host of the ``cpu`` kind (machines.CPU_FLAGS), tier
+    children that write made-up records, `autoquant run` children that answer what
+    ``autoquant_run`` says."""
     from autoquant.bench.tier_run import tier_result_path
 
     def fake_child(command: list[str], timeout: float | None) -> bench_command.ChildOutcome:
@@ -227,20 +233,22 @@ def _fake_gpu_children(
         path.write_text(json.dumps(record))
         return bench_command.ChildOutcome(0, False, "", [], 1.0)
 
-    monkeypatch.setattr(bench_command, "bench_device", lambda _profile: "cuda")
+    machine = made_up_machine(cpu=cpu, device="cuda", vram=80 * GB, compute_capability="9.0")
+    monkeypatch.setattr(autoquant.probe, "probe", lambda **_kw: machine)
     monkeypatch.setattr(bench_command, "run_child", fake_child)
 
 
+@pytest.mark.parametrize("cpu", sorted(CPU_FLAGS))
 def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: str
 ) -> None:
     """The CUDA-only orchestration, with the GPU faked: children write made-up results."""
     from autoquant.planner.estimate import CUDA_CONTEXT_BYTES
 
     commands: list[list[str]] = []
-    _fake_gpu_children(monkeypatch, commands)
+    _fake_gpu_children(monkeypatch, commands, cpu=cpu)
     args = ["--model", "builtin:tiny-sd", "--tiers", "bitsandbytes:nf4", "--budgets", "4,16"]
-    assert bench_command.main([*args, "--out", str(tmp_path), "--confirm", "--run-plan"]) == 0
+    assert main(["bench", *args, "--out", str(tmp_path), "--confirm", "--run-plan"]) == 0
     bench = _bench(tmp_path)
     assert bench["reference"] == "none:bf16" and "measured peak" in bench["fit_rule"]
     small, large = bench["budgets"]
@@ -267,14 +275,15 @@ def test_on_a_gpu_edge_tiers_are_confirmed_and_autoquant_run_is_tried_per_budget
     for part in ("tiers", "confirm", "runs"):
         shutil.copytree(tmp_path / part, merged / part)
     (merged / "runs" / "4GB.json").unlink()
-    assert bench_command.main([*args, "--out", str(merged), "--report-only"]) == 0
+    assert main(["bench", *args, "--out", str(merged), "--report-only"]) == 0
     rebuilt = _bench(merged)
     assert rebuilt["confirm"] == bench["confirm"]
     assert [r["budget_gb"] for r in rebuilt["run_plan"]] == [16.0]
 
 
+@pytest.mark.parametrize("cpu", sorted(CPU_FLAGS))
 def test_a_run_killed_by_tier_timeout_is_a_failure_not_a_time_limit_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: str
 ) -> None:
     """--tier-timeout (60 s) bounds the run, not the time limit (100 s left when it starts):
     a hang is the run's failure, even though less than 60 s is left once it is killed."""
@@ -285,10 +294,10 @@ def test_a_run_killed_by_tier_timeout_is_a_failure_not_a_time_limit_stop(
         clock[0] += 60.0
         return bench_command.ChildOutcome(-9, True, "", ["still loading"], 60.0)
 
-    _fake_gpu_children(monkeypatch, [], hanging_run)
+    _fake_gpu_children(monkeypatch, [], hanging_run, cpu=cpu)
     args = ["--model", "builtin:tiny-sd", "--tiers", "bitsandbytes:nf4", "--budgets", "4"]
     limits = ["--time-limit", "100", "--tier-timeout", "60"]
-    assert bench_command.main([*args, *limits, "--out", str(tmp_path), "--run-plan"]) == 0
+    assert main(["bench", *args, *limits, "--out", str(tmp_path), "--run-plan"]) == 0
     bench = _bench(tmp_path)
     assert [(r["budget_gb"], r["completed"]) for r in bench["run_plan"]] == [(4.0, False)]
     assert "still loading" in bench["run_plan"][0]["error"]
@@ -297,7 +306,7 @@ def test_a_run_killed_by_tier_timeout_is_a_failure_not_a_time_limit_stop(
 
 def test_the_time_limit_leaves_tiers_for_resume(tmp_path: Path) -> None:
     args = ["--model", "builtin:tiny-sd", "--tiers", "none:fp32,gguf:q8_0", "--budgets", "8"]
-    assert bench_command.main([*args, "--out", str(tmp_path), "--time-limit", "1"]) == 0
+    assert main(["bench", *args, "--out", str(tmp_path), "--time-limit", "1"]) == 0
     bench = _bench(tmp_path)
     assert bench["tiers"] == [] and bench["pending"] == ["none:fp32", "gguf:q8_0"]
     assert "Not run" in (tmp_path / "bench.md").read_text()
@@ -356,7 +365,6 @@ def test_budget_rows_on_a_gpu_judge_measured_peaks_and_the_latency_ratio() -> No
     from autoquant import models
     from autoquant.planner.estimate import Request
     from autoquant.planner.rules import load_settings
-    from autoquant.probe import probe
 
     records = [
         _record("none:bf16", peak=0.6, ms=20.0, error=2.3e-3),
@@ -378,7 +386,7 @@ def test_budget_rows_on_a_gpu_judge_measured_peaks_and_the_latency_ratio() -> No
         records,
         [1.5, 4.0],
         inventory=models.inventory(models.resolve("builtin:tiny-sd")),
-        profile=probe(device="cuda", vram=80 * GB),
+        profile=made_up_machine(device="cuda", vram=80 * GB),
         settings=load_settings(),
         request=Request(64, 64),
         on_cuda=True,

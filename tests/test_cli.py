@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from autoquant.probe import probe
+
 
 def _command() -> list[str]:
     script = Path(sys.executable).parent / "autoquant"
@@ -45,9 +47,15 @@ def test_probe_json_on_this_machine() -> None:
     proc = aq("probe", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["accelerator"] == "cpu" and data["gpus"] == []
+    # Whatever this machine is, the command says what the in-process probe says.
+    here = probe()
+    assert data["accelerator"] == here.accelerator
+    assert [g["name"] for g in data["gpus"]] == [g.name for g in here.gpus]
+    assert data["cpu"]["bf16"] == here.cpu.bf16
     bnb = data["backends"]["bitsandbytes"]
-    assert bnb["usable"] is False and "CUDA" in bnb["reason"]
+    if data["accelerator"] == "cpu":
+        assert data["gpus"] == []
+        assert bnb["usable"] is False and "CUDA" in bnb["reason"]
     assert aq("probe").returncode == 0
 
 

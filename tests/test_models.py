@@ -166,9 +166,7 @@ def test_tiny_builtin_loads_runs_and_reloads_identically(
 
     folder = tiny_folders[name]
     assert folder.name.startswith(f"{name}-")
-    started = time.perf_counter()
     image = _generate(folder)
-    assert time.perf_counter() - started < 5  # load + 2 steps; the steps alone take ~0.05 s
     assert image.shape == (1, 64, 64, 3)
     assert np.isfinite(image).all()
     assert image.std() > 0.05  # not a flat image
@@ -198,10 +196,8 @@ def test_materialize_builds_once_and_reports_progress(capsys: pytest.CaptureFixt
     source = resolve("builtin:tiny-sd")
     folder = materialize(source)
     assert "building tiny-sd: unet (3.2 M params)… " in capsys.readouterr().err
-    started = time.perf_counter()
     assert materialize(source) == folder
-    assert time.perf_counter() - started < 0.1
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == ""  # nothing built again
 
 
 def test_failed_build_leaves_no_folder(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,12 +283,21 @@ def test_full_size_counts_on_meta_without_ram() -> None:
     ]
 
 
-def test_inventory_is_cached_and_survives_a_corrupt_cache(cache: Path) -> None:
+def test_inventory_is_cached_and_survives_a_corrupt_cache(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import autoquant.models.inventory as counting
+
     source = resolve("builtin:flux-dev")
     first = inventory(source)
-    started = time.perf_counter()
+    real_count = counting._count
+
+    def must_not_count(*args: Any) -> Any:
+        raise AssertionError("counted again although the counts are cached")
+
+    monkeypatch.setattr(counting, "_count", must_not_count)
     assert inventory(source) == first
-    assert time.perf_counter() - started < 0.05
+    monkeypatch.setattr(counting, "_count", real_count)
     (cached,) = (cache / "inventory").glob("*.json")
     cached.write_text('{"family": ')
     assert inventory(source) == first
@@ -321,29 +326,24 @@ def test_list_builtins() -> None:
 
 
 def test_hub_offline_fails_fast() -> None:
-    started = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match="cannot reach the Hugging Face hub") as error:
         materialize(resolve("org/name"))
     assert "'org/name'" in str(error.value) and "builtin:" in str(error.value)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         inventory(resolve("org/name"))
-    assert time.perf_counter() - started < 1
 
 
 def test_hub_unreachable_by_socket_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    started = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match=r"cannot reach .*127\.0\.0\.1:9"):
         materialize(resolve("org/name"))
-    assert time.perf_counter() - started < 5
 
     def never_answers(*args: object, **kwargs: object) -> None:
         time.sleep(2)
         raise TimeoutError("timed out")  # what a real connect does once it gives up
 
-    # A host that never answers (DNS lookup included) is given up on at the timeout.
+    # A host that never answers (DNS lookup included) is given up on at the timeout: that
+    # message comes only from the wait running out while the connect still sleeps.
     monkeypatch.setattr(socket, "create_connection", never_answers)
-    started = time.perf_counter()
     assert hub_unreachable_reason(timeout_s=0.3) == "127.0.0.1:9 did not answer within 0.3 s"
-    assert time.perf_counter() - started < 1

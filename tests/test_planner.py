@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from machines import made_up_machine
 
 from autoquant.cli.main import main
 from autoquant.core.errors import ConfigError
 from autoquant.planner import load_settings, plan
-from autoquant.probe import probe
 from autoquant.probe.types import BackendStatus, CpuInfo, GpuInfo, HardwareProfile
 
 
@@ -200,11 +200,12 @@ def test_impossible_budget_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
     assert "no tier of builtin:flux-dev fits" in err and err.count("\n") == 1
 
 
-def test_cpu_compute_dtype_follows_bf16_units() -> None:
-    host = probe(device="cpu")
+@pytest.mark.parametrize(("cpu", "dtype"), [("bf16", "bf16"), ("no-bf16", "fp32")])
+def test_cpu_compute_dtype_follows_bf16_units(cpu: str, dtype: str) -> None:
+    host = made_up_machine(cpu=cpu)
     settings = load_settings()
     result = plan(host, "builtin:tiny-sd", settings)
-    assert result.chosen.tier.compute_dtype == ("bf16" if host.cpu.bf16 else "fp32")
+    assert result.chosen.tier.compute_dtype == dtype
 
 
 @pytest.mark.parametrize("vram", ["4GB", "6GB", "8GB", "12GB", "16GB", "24GB"])

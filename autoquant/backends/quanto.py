@@ -32,7 +32,8 @@ class Quanto(QuantBackend):
     minimum_version = "0.2.6"
     extra = "quanto"
     quantizes_text_encoders = True
-    # Group offload leaves its weights behind: "mat2 is on cpu" (an H200, tests/test_gpu.py).
+    # Group offload leaves its weights on the CPU: "mat2 is on cpu" on a GPU in diffusers 0.42.1
+    # (CHANGELOG.md, where quanto stopped being paired with it).
     survives_group_offload = False
     caveat = "Quanto is deprecated in diffusers and will be removed in 1.0; it still works in 0.42"
 

@@ -23,7 +23,8 @@ class Gguf(QuantBackend):
     module = "gguf"
     minimum_version = "0.10.0"
     extra = "gguf"
-    # Group offload fails with KeyError None in diffusers 0.42.1 (tests/test_gpu.py).
+    # GGUF with sequential offload fails with KeyError None in diffusers 0.42.1; with group
+    # offload it was never measured here, so it stays off until a GPU run shows it works.
     survives_group_offload = False
     writes_files = True  # `autoquant convert` writes its files
     note_on = dict.fromkeys(
