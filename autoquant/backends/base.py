@@ -101,10 +101,14 @@ class QuantBackend(ABC):
     note_on: ClassVar[Mapping[str, str]] = {}  # accelerator → a caveat the probe shows there
 
     # --- what it can do --------------------------------------------------------------------------
-    quantizes_text_encoders: ClassVar[bool] = False  # through transformers' own configs
+    # The component kinds (models/types.py's Role) it can quantize.
+    quantizes: ClassVar[tuple[str, ...]] = ("denoiser",)
     survives_model_offload: ClassVar[bool] = True
     # Block-level group offload (diffusers 0.42.1) leaves some backends' weights behind.
     survives_group_offload: ClassVar[bool] = False
+    # Group offload with CUDA streams (use_stream): off until a GPU run shows the backend
+    # survives it; torchao's is reported to fail (docs/benchmarks.md, not measured here).
+    group_offload_streams: ClassVar[bool] = False
     caveat: ClassVar[str | None] = None  # told whenever it is probed or used (a deprecation)
     writes_files: ClassVar[bool] = False  # converts the model into its own files (`convert`)
 
@@ -127,6 +131,10 @@ class QuantBackend(ABC):
         if precision in cls.fp8_precisions and not fp8:
             return f"{cls.name} {precision} needs a GPU of compute capability >= 8.9"
         return None
+
+    @classmethod
+    def quantizes_text_encoders(cls) -> bool:
+        return "text_encoder" in cls.quantizes
 
     @classmethod
     def probe_note(cls, accelerator: str) -> str | None:

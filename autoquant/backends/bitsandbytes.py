@@ -40,7 +40,7 @@ class BitsAndBytes(QuantBackend):
     note_on = {
         "mps": "on MPS diffusers accepts bitsandbytes 4-bit only; 8-bit needs CUDA, ROCm or XPU"
     }
-    quantizes_text_encoders = True
+    quantizes = ("denoiser", "text_encoder")  # text encoders through transformers' configs
     # Flux-dev NF4 with group offload failed in its first generation with
     # "CUBLAS_STATUS_INTERNAL_ERROR when calling cublasCreate" on an H200 (docs/benchmarks.md).
     survives_group_offload = False

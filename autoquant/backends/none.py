@@ -9,6 +9,7 @@ from autoquant.backends.tier import COMPUTE_DTYPES, Tier
 class NoQuantization(QuantBackend):
     name = "none"
     precisions = COMPUTE_DTYPES
+    quantizes = ()
     survives_group_offload = True
 
     @classmethod

@@ -31,7 +31,7 @@ class Quanto(QuantBackend):
     module = "optimum.quanto"
     minimum_version = "0.2.6"
     extra = "quanto"
-    quantizes_text_encoders = True
+    quantizes = ("denoiser", "text_encoder")  # text encoders through transformers' configs
     # Group offload leaves its weights on the CPU: "mat2 is on cpu" on a GPU in diffusers 0.42.1
     # (CHANGELOG.md, where quanto stopped being paired with it).
     survives_group_offload = False

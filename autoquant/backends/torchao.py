@@ -38,7 +38,7 @@ class TorchAo(QuantBackend):
     extra = "torchao"
     loggers = ("torchao",)
     fp8_precisions = ("float8",)
-    quantizes_text_encoders = True
+    quantizes = ("denoiser", "text_encoder")  # text encoders through transformers' configs
     # Measured on an H200: Flux-dev int8 streamed with group offload (docs/benchmarks.md).
     survives_group_offload = True
 

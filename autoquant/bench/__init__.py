@@ -49,8 +49,8 @@ class TierSpec:
             raise AutoquantError(
                 f"tier {text!r}: unknown extra {unknown[0]!r}; choose from {', '.join(known)}"
             )
-        if TEXT_ENCODERS in extras and not backend_class(backend).quantizes_text_encoders:
-            able = [b.name for b in backend_classes() if b.quantizes_text_encoders]
+        if TEXT_ENCODERS in extras and not backend_class(backend).quantizes_text_encoders():
+            able = [b.name for b in backend_classes() if b.quantizes_text_encoders()]
             raise AutoquantError(
                 f"tier {text!r}: +te needs a backend that quantizes text encoders "
                 f"({', '.join(able)}); offload them instead (+model_cpu_offload)"

@@ -11,13 +11,13 @@ from typing import Any
 from autoquant.backends.tier import Tier
 from autoquant.bench import TierSpec
 from autoquant.core.errors import AutoquantError
+from autoquant.core.units import GB
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Estimate, Request, estimate
 from autoquant.planner.plan import plan
 from autoquant.probe.emulate import emulate
 from autoquant.probe.types import HardwareProfile
 
-GB = 10**9
 DEFAULT_BUDGETS = "4,6,8,12,16,24,48,80"
 
 GPU_FIT_RULE = (

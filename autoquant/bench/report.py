@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoquant.bench.budgets import GB
 from autoquant.core.fsutil import atomic_file, write_text_atomic
+from autoquant.core.units import GB
 
 DEFINITIONS = (
     "Memory is in GB = 10^9 bytes, like the budgets. On a GPU: weights = allocated after "

@@ -6,6 +6,7 @@ import re
 
 from autoquant.core.errors import AutoquantError
 
+GB = 10**9
 GiB = 1024**3
 MiB = 1024**2
 

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.backends import BuildRequest, get_backend
+from autoquant.backends import BuildRequest, backend_class, get_backend
 from autoquant.backends.tier import VAE_TILE_PIXELS
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import PlannedTier
@@ -27,8 +27,9 @@ def enable_vae_tiling(vae: Any) -> None:
         vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
 
 
-def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
-    """Switch memory options on for a loaded pipeline, in place."""
+def turn_on(pipe: Any, options: Collection[str], device: str, *, streams: bool = False) -> None:
+    """Switch memory options on for a loaded pipeline, in place. ``streams``: group offload
+    overlaps its copies on CUDA streams (for backends that declare they survive it)."""
     import torch
 
     if "vae_slicing" in options:
@@ -40,10 +41,10 @@ def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
     if "model_cpu_offload" in options:
         pipe.enable_model_cpu_offload(device=device)
     elif "group_offload" in options:
-        enable_group_offload(pipe, torch.device(device))
+        enable_group_offload(pipe, torch.device(device), streams=streams)
 
 
-def enable_group_offload(pipe: Any, onload_device: Any) -> None:
+def enable_group_offload(pipe: Any, onload_device: Any, *, streams: bool = False) -> None:
     """Block-level group offload of every component, one block per group, with the text
     encoders streamed layer by layer too (autoquant.models.groups says why)."""
     import torch
@@ -56,6 +57,8 @@ def enable_group_offload(pipe: Any, onload_device: Any) -> None:
         "offload_type": "block_level",
         "num_blocks_per_group": 1,
     }
+    if streams:
+        options["use_stream"] = True
     for component in pipe.components.values():
         if hasattr(component, "enable_group_offload"):  # a diffusers model: as the pipeline does
             component.enable_group_offload(**options)
@@ -66,7 +69,8 @@ def enable_group_offload(pipe: Any, onload_device: Any) -> None:
 
 def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
     """Turn on the tier's memory options and put the pipeline on its device."""
-    turn_on(pipe, planned.tier.memory_options, device)
+    streams = backend_class(planned.tier.backend).group_offload_streams
+    turn_on(pipe, planned.tier.memory_options, device, streams=streams)
     # Offloading places the components itself; a device map already spread them over GPUs.
     if not planned.tier.offloaded and not planned.device_map:
         pipe.to(device)

@@ -13,9 +13,8 @@ from typing import Any
 from autoquant.backends import backend_class
 from autoquant.backends.base import WeightFormat
 from autoquant.backends.tier import DTYPE_BYTES, VAE_TILE_PIXELS, Tier
+from autoquant.core.units import GiB
 from autoquant.models.types import ComponentInventory, ModelInventory
-
-GiB = 1024**3
 
 # Memory outside PyTorch's allocator on a CUDA device (context, cuBLAS workspace): measured
 # ~0.65 GB on an H200. A per-process cap does not cover it, and a real card must hold it.

@@ -12,10 +12,10 @@ from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes
 from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, estimate
+from autoquant.planner.facts import machine_facts
 from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
 from autoquant.probe.types import HardwareProfile
 
-GB = 1e9
 # Memory options by what they cost in speed, cheapest first. Falling down the ladder tries every
 # tier at one cost before any tier at the next: model offload moves each component once per
 # generation, group offload streams the weights on every step. On an H200, a Flux-dev torchao
@@ -104,20 +104,6 @@ def _budget(profile: HardwareProfile, headroom: float) -> int:
     return int(profile.ram_available_bytes * headroom)
 
 
-def _facts(profile: HardwareProfile) -> dict[str, Any]:
-    gpu = profile.primary_gpu if profile.has_gpu else None
-    cap = gpu.capability if gpu else None
-    return {
-        "has_gpu": profile.has_gpu,
-        "accelerator": profile.accelerator,
-        "vram_gb": round(gpu.total_bytes / GB, 1) if gpu else 0.0,
-        "ram_gb": round(profile.ram_total_bytes / GB, 1),
-        "compute_capability": float(f"{cap[0]}.{cap[1]}") if cap else 0.0,
-        "bf16": profile.bf16,
-        "fp8": bool(gpu and gpu.fp8),
-    }
-
-
 def _match(
     when: dict[str, Any], facts: dict[str, Any], thresholds: dict[str, Any]
 ) -> tuple[bool, str]:
@@ -161,7 +147,7 @@ def _base_tier(ctx: _Context, backend: str, precision: str) -> Tier:
         return Tier(UNQUANTIZED, precision, precision)
     components: tuple[str, ...] = (inv.denoiser.name,)
     policy = ctx.settings["components"]["quantize_text_encoders"]
-    if policy == "always" and backend_class(backend).quantizes_text_encoders:
+    if policy == "always" and backend_class(backend).quantizes_text_encoders():
         components += tuple(c.name for c in inv.text_encoders)
     return Tier(backend, precision, ctx.compute_dtype, components)
 
@@ -169,12 +155,13 @@ def _base_tier(ctx: _Context, backend: str, precision: str) -> Tier:
 def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
     """Ways to make a tier smaller, cheapest in speed first: (tier, device_map, what changed)."""
     inv = ctx.inventory
+    backend = backend_class(base.backend)
     out: list[tuple[Tier, str | None, str]] = [(base, None, "as is")]
     tier = base
     policy = ctx.settings["components"]["quantize_text_encoders"]
     if (
         policy == "auto"
-        and backend_class(base.backend).quantizes_text_encoders
+        and backend.quantizes_text_encoders()
         and inv.text_encoders
         and len(base.quantized_components) == 1
     ):
@@ -192,9 +179,9 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         return out
     if len(ctx.profile.gpus) > 1 and ctx.settings["planner"]["allow_multi_gpu"]:
         out.append((tier, "balanced", f"spread over {len(ctx.profile.gpus)} GPUs"))
-    if ctx.settings["planner"]["allow_offload"]:
+    if ctx.settings["planner"]["allow_offload"] and backend.survives_model_offload:
         out.append((tier.with_options("model_cpu_offload"), None, "with model CPU offload"))
-        if backend_class(base.backend).survives_group_offload:
+        if backend.survives_group_offload:
             out.append((tier.with_options("group_offload"), None, "with group offload"))
     return out
 
@@ -217,6 +204,15 @@ def _offload_cost(tier: Tier) -> int:
     )
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """The first variant of a tier that fits (or the smallest tried, marked not fitting), and
+    every variant tried on the way there with what changed, so the path can tell it."""
+
+    planned: PlannedTier
+    tried: tuple[tuple[PlannedTier, str], ...]
+
+
 def _fit(
     ctx: _Context,
     backend: str,
@@ -224,22 +220,20 @@ def _fit(
     *,
     allow_shrink: bool = True,
     max_offload_cost: int = len(_OFFLOAD_COSTS) - 1,
-) -> PlannedTier:
+) -> _Fit:
     """The first variant of a tier that fits the budget (offloading at most as costly as
     ``max_offload_cost``), or the smallest one tried, marked not fitting."""
-    last: PlannedTier | None = None
-    for tier, device_map, _ in _variants(ctx, _base_tier(ctx, backend, precision)):
+    tried: list[tuple[PlannedTier, str]] = []
+    for tier, device_map, change in _variants(ctx, _base_tier(ctx, backend, precision)):
         if _offload_cost(tier) > max_offload_cost:
             break
         est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
         planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
-        if planned.fits:
-            return planned
-        last = planned
-        if not allow_shrink:
+        tried.append((planned, change))
+        if planned.fits or not allow_shrink:
             break
-    assert last is not None
-    return last
+    assert tried
+    return _Fit(tried[-1][0], tuple(tried))
 
 
 def _describe_fit(ctx: _Context, planned: PlannedTier) -> str:
@@ -251,7 +245,7 @@ def _describe_fit(ctx: _Context, planned: PlannedTier) -> str:
 
 def _tree_choice(ctx: _Context) -> tuple[str, str]:
     settings = ctx.settings
-    facts = _facts(ctx.profile)
+    facts = machine_facts(ctx.profile)
     thresholds = settings["thresholds"]
     for rule in settings["tree"]:
         name = rule.get("rule", rule["backend"])
@@ -303,7 +297,7 @@ def _choose(ctx: _Context) -> PlannedTier:
         return chosen
 
     if settings["planner"]["skip_if_fits"] and ctx.on_gpu:
-        unquantized = _fit(ctx, UNQUANTIZED, ctx.compute_dtype, allow_shrink=True)
+        unquantized = _fit(ctx, UNQUANTIZED, ctx.compute_dtype, allow_shrink=True).planned
         ctx.path.append(f"fits unquantized? {_describe_fit(ctx, unquantized)}")
         if unquantized.fits:
             ctx.path.append("→ no quantization: it only costs speed when the model fits")
@@ -312,16 +306,19 @@ def _choose(ctx: _Context) -> PlannedTier:
         ctx.path.append("planner.skip_if_fits is false → follow the decision tree")
 
     backend, precision = _tree_choice(ctx)
-    chosen = _fit(ctx, backend, precision)
-    for line in _fit_story(ctx, backend, precision, chosen):
-        ctx.path.append(line)
+    fit = _fit(ctx, backend, precision)
+    for planned, change in fit.tried:
+        est = planned.estimate
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in est.components.items())
+        ctx.path.append(f"{backend} {precision} {change}: {_describe_fit(ctx, planned)} ({parts})")
+    chosen = fit.planned
     if chosen.fits:
         return chosen
     for cost in range(len(_OFFLOAD_COSTS)):
         for entry in ladder_entries(settings):
             if _unusable_reason(ctx, *entry):
                 continue
-            candidate = _fit(ctx, *entry, max_offload_cost=cost)
+            candidate = _fit(ctx, *entry, max_offload_cost=cost).planned
             if candidate.fits:
                 ctx.path.append(f"→ falling down the ladder: {_describe_fit(ctx, candidate)}")
                 return candidate
@@ -331,19 +328,6 @@ def _choose(ctx: _Context) -> PlannedTier:
         f"{_describe_fit(ctx, chosen)}; use a smaller --size, a machine with more memory, "
         "or force a tier with --backend/--precision"
     )
-
-
-def _fit_story(ctx: _Context, backend: str, precision: str, chosen: PlannedTier) -> list[str]:
-    """Path lines for each variant tried before the one that fits."""
-    lines = []
-    for tier, device_map, change in _variants(ctx, _base_tier(ctx, backend, precision)):
-        est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
-        planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
-        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in est.components.items())
-        lines.append(f"{backend} {precision} {change}: {_describe_fit(ctx, planned)} ({parts})")
-        if planned.tier == chosen.tier and planned.device_map == chosen.device_map:
-            break
-    return lines
 
 
 def _ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:

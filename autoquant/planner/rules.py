@@ -18,6 +18,7 @@ import yaml
 from autoquant.backends import BACKENDS, validate_tier_name
 from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import ConfigError
+from autoquant.planner.facts import FACTS
 
 # Keys whose default is null (or a list) and the types they accept when set.
 _NULLABLE: dict[str, tuple[type, ...]] = {
@@ -39,15 +40,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Sections validated by their own functions rather than key by key.
 _FREEFORM = {"tree", "ladder", "precision", "force.memory_options"}
-_FACTS = {
-    "has_gpu": bool,
-    "accelerator": str,
-    "vram_gb": float,
-    "ram_gb": float,
-    "compute_capability": float,
-    "bf16": bool,
-    "fp8": bool,
-}
 
 
 @dataclass(frozen=True)
@@ -256,11 +248,9 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
         if not isinstance(when, dict):
             raise ConfigError(f"{here}: 'when' must be a mapping of fact: condition")
         for fact, cond in when.items():
-            if fact not in _FACTS:
-                close = difflib.get_close_matches(str(fact), list(_FACTS), n=1)
-                hint = (
-                    f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(_FACTS)})"
-                )
+            if fact not in FACTS:
+                close = difflib.get_close_matches(str(fact), list(FACTS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(FACTS)})"
                 raise ConfigError(f"{here}: unknown fact {fact!r}{hint}")
             if isinstance(cond, dict):
                 bad = set(cond) - {"at_least", "below"}
