@@ -58,6 +58,7 @@ def made_up_machine(
     device: str | None = None,
     vram: int | None = None,
     compute_capability: str | None = None,
+    packages: dict[str, str | None] | None = None,
 ) -> HardwareProfile:
     """A CPU-only machine of the given kind, or (with ``device="cuda"`` and ``vram``) that
     machine with an emulated GPU: no real driver, torch device or package is consulted."""
@@ -69,5 +70,5 @@ def made_up_machine(
         torch_module=_torch_without_devices(),
         environ={},
         host=made_up_host(cpu, ram_gib),
-        packages=INSTALLED,
+        packages=INSTALLED if packages is None else packages,
     )

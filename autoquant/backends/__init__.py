@@ -18,7 +18,6 @@ from autoquant.core.errors import BackendUnavailableError
 _REGISTRY: dict[str, type[QuantBackend]] = {
     backend.name: backend for backend in (NoQuantization, BitsAndBytes, Quanto, TorchAo, Gguf)
 }
-BACKENDS = tuple(_REGISTRY)
 UNQUANTIZED = NoQuantization.name  # the tier of plain bf16/fp16/fp32 weights
 
 
@@ -40,6 +39,10 @@ def backend_classes() -> tuple[type[QuantBackend], ...]:
     return tuple(_REGISTRY.values())
 
 
+def backend_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
 def installable() -> tuple[type[QuantBackend], ...]:
     """The backends that are a package of their own (what the probe looks for)."""
     return tuple(b for b in _REGISTRY.values() if b.distribution)
@@ -58,7 +61,8 @@ def converter_for(precision: str) -> type[QuantBackend]:
 def validate_tier_name(backend: str, precision: str | None) -> None:
     """Raise ValueError with a one-line message for an unknown backend or precision."""
     if backend not in _REGISTRY:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        names = ", ".join(_REGISTRY)
+        raise ValueError(f"unknown backend {backend!r}: choose one of {names}")
     precisions = _REGISTRY[backend].precisions
     if precision is not None and precision not in precisions:
         raise ValueError(
@@ -68,12 +72,12 @@ def validate_tier_name(backend: str, precision: str | None) -> None:
 
 
 __all__ = [
-    "BACKENDS",
     "UNQUANTIZED",
     "BuildRequest",
     "QuantBackend",
     "backend_class",
     "backend_classes",
+    "backend_names",
     "converter_for",
     "get_backend",
     "installable",

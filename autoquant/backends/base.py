@@ -91,7 +91,8 @@ class QuantBackend(ABC):
     module: ClassVar[str | None] = None  # what must be importable
     minimum_version: ClassVar[str | None] = None  # the oldest release diffusers 0.42 accepts
     extra: ClassVar[str | None] = None  # autoquant's pip extra that installs it
-    loggers: ClassVar[tuple[str, ...]] = ()  # its chatty loggers, quieted by the CLI
+    # Its chatty loggers and warning modules, quieted by the CLI (cli/args.py quiet_libraries).
+    loggers: ClassVar[tuple[str, ...]] = ()
 
     # --- where it runs ---------------------------------------------------------------------------
     # Accelerator kind → the precisions accepted there (None: all of them); absent: refused.

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any, NoReturn
 
-from autoquant.backends import BACKENDS, backend_classes
+from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
 
@@ -56,7 +56,7 @@ def add_model_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--backend/--precision: force a tier, as `plan`, `run` and `serve` take them."""
-    p.add_argument("--backend", help=f"force a backend ({', '.join(BACKENDS)})")
+    p.add_argument("--backend", help=f"force a backend ({', '.join(backend_names())})")
     p.add_argument("--precision", help="force a precision for --backend")
 
 
@@ -140,7 +140,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
     loggers = [name for backend in backend_classes() for name in backend.loggers]
+    for name in loggers:
+        warnings.filterwarnings("ignore", category=UserWarning, module=name)
     for name in (*loggers, "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from autoquant.backends import BACKENDS, validate_tier_name
+from autoquant.backends import backend_names, validate_tier_name
 from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import ConfigError
 from autoquant.planner.facts import FACTS
@@ -274,7 +274,7 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
 
     for backend, spec in settings["precision"].items():
         here = where(f"precision.{backend}")
-        if backend not in BACKENDS:
+        if backend not in backend_names():
             raise ConfigError(f"{here}: unknown backend {backend!r} in 'precision'")
         if not isinstance(spec, dict) or "by" not in spec:
             raise ConfigError(f"{here}: precision.{backend} needs 'by: <priority>' and choices")
