@@ -160,7 +160,7 @@ def test_report_only_judges_old_measurements_with_the_current_estimator(
     record["estimate"]["required_bytes"], record["estimate_error_pct"] = 1, 999.0
     path.write_text(json.dumps(record))
     args = ["--model", "builtin:tiny-sd", "--size", "64x64", "--out", str(out), "--report-only"]
-    assert bench_command.main(args) == 0
+    assert main(["bench", *args]) == 0
     row = _tiers(out)["gguf:q8_0"]
     assert row["estimate_error_pct_when_measured"] == 999.0
     assert row["estimate"]["required_bytes"] > 1 and abs(row["estimate_error_pct"]) < 999

@@ -286,7 +286,8 @@ def test_full_size_counts_on_meta_without_ram() -> None:
 def test_inventory_is_cached_and_survives_a_corrupt_cache(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import autoquant.models.inventory as counting
+    # The package rebinds the name `inventory` to the function: reach the module itself.
+    counting = importlib.import_module("autoquant.models.inventory")
 
     source = resolve("builtin:flux-dev")
     first = inventory(source)

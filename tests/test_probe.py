@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from machines import INSTALLED
 
 from autoquant.core.errors import AutoquantError
 from autoquant.probe import HostFacts, describe, emulate, probe
@@ -28,14 +29,7 @@ HOST = HostFacts(
     ram_available_bytes=48 * GiB,
     disk_free_bytes=500 * GiB,
 )
-ALL_INSTALLED = {
-    "bitsandbytes": "0.50.2",
-    "optimum-quanto": "0.2.7",
-    "torchao": "0.18.0",
-    "gguf": "0.19.0",
-    "diffusers": "0.42.1",
-    "torch": "2.13.0",
-}
+ALL_INSTALLED = INSTALLED
 
 
 # --- fakes ---------------------------------------------------------------------------------------
