@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,11 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+from machines import made_up_machine
 
 from autoquant.cli.main import main
+from autoquant.core.errors import AutoquantError
 from autoquant.execute import ladder as executor
-from autoquant.execute import tuning_entry
+from autoquant.execute import tuning, tuning_entry
 from autoquant.execute.tuning import TuneOptions, tune
+from autoquant.execute.tuning_entry import TuningKey, known_oom, tuning_key
+from autoquant.store import tuning_store
 from autoquant.store.tuning_store import TuningStore
 
 
@@ -120,7 +125,8 @@ def _writer(path: str, prefix: str) -> None:
 def test_two_processes_writing_at_once_keep_both(tmp_path: Path) -> None:
     path = tmp_path / "tuning.json"
     code = (
-        "import sys; from tests.test_tuning_cache import _writer; _writer(sys.argv[1], sys.argv[2])"
+        "import sys; sys.path.insert(0, 'tests'); from test_tuning_cache import _writer; "
+        "_writer(sys.argv[1], sys.argv[2])"
     )
     procs = [
         subprocess.Popen(
@@ -155,4 +161,152 @@ def test_cache_list_show_clear(fresh_cache: Path, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out)["chosen"]["backend"] == "gguf"
     assert main(["cache", "show", "nope"]) == 2
     assert main(["cache", "clear", key]) == 0
+    assert TuningStore().entries() == {}
+
+
+@pytest.mark.parametrize("kind", ["not utf-8", "a folder"])
+def test_an_unreadable_store_of_any_kind_is_moved_aside(fresh_cache: Path, kind: str) -> None:
+    store = fresh_cache / "tuning.json"
+    if kind == "a folder":
+        store.mkdir()
+    else:
+        store.write_bytes(b"\xff\xfe{\x00garbage\x80")
+    warnings: list[str] = []
+    result = tune(TuneOptions(device="cpu", progress=False), log=warnings.append)
+    assert result.cache is not None and result.cache["hit"] is False
+    assert any("unreadable" in w for w in warnings)
+    assert list(fresh_cache.glob("tuning.json.corrupt-*")), "the bad store is kept aside"
+    assert json.loads(store.read_text())["entries"], "a fresh store was written"
+
+
+def test_a_read_only_cache_is_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Permissions do not stop root (CI runs as root): a read-only filesystem is what refuses.
+    def read_only(path: Path, text: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(tuning_store, "write_text_atomic", read_only)
+    with pytest.raises(AutoquantError, match="AUTOQUANT_CACHE_DIR") as caught:
+        TuningStore(tmp_path / "tuning.json").put("key", {"model": "x"})
+    assert "Read-only file system" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_cache_that_is_a_file_is_one_line_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(AutoquantError, match="cannot use the tuning cache") as caught:
+        TuningStore(blocker / "tuning.json").entries()
+    assert "\n" not in str(caught.value)
+
+
+def _adder(path: str, label: str) -> None:
+    """Add outcomes to one shared entry, 20 times, as concurrent `autoquant run`s of one key do."""
+    store = TuningStore(Path(path))
+    for i in range(20):
+
+        def add(current: dict[str, Any] | None, i: int = i) -> dict[str, Any]:
+            outcomes = list((current or {}).get("outcomes", []))
+            return {"outcomes": [*outcomes, {"label": f"{label}{i}", "outcome": "oom"}]}
+
+        store.update("one-key", add)
+
+
+def test_two_processes_updating_one_key_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "tuning.json"
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_tuning_cache import _adder; "
+        "_adder(*sys.argv[1:])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path), name], cwd=Path(__file__).parents[1]
+        )
+        for name in ("a", "b")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    labels = {o["label"] for o in TuningStore(path).entries()["one-key"]["outcomes"]}
+    assert labels == {f"{name}{i}" for name in "ab" for i in range(20)}
+
+
+def test_tune_merges_under_the_lock(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What another process saved for the key while this one tuned is kept, not overwritten by
+    the entry this process read before it started."""
+    first = _tune()
+    key = first.cache["key"]
+    real_execute = tuning.execute
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        def other(current: dict[str, Any] | None) -> dict[str, Any]:
+            assert current is not None
+            extra = {"label": "another tier", "outcome": "oom", "free_bytes": 1}
+            return {**current, "outcomes": [*current["outcomes"], extra]}
+
+        TuningStore().update(key, other)
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "execute", meanwhile)
+    _tune()
+    labels = {o["label"] for o in TuningStore().get(key)["outcomes"]}
+    assert "another tier" in labels
+
+
+def test_an_oom_is_retried_once_more_memory_is_free() -> None:
+    entry = {
+        "outcomes": [
+            {"label": "big", "outcome": "oom", "free_bytes": 8 * 10**9},
+            {"label": "old", "outcome": "oom"},  # saved before free memory was recorded
+            {"label": "fine", "outcome": "chosen", "free_bytes": 8 * 10**9},
+        ]
+    }
+    assert known_oom(entry, free_now=8 * 10**9) == {"big", "old"}
+    assert known_oom(entry, free_now=12 * 10**9) == {"old"}  # another process let go of 4 GB
+
+
+def test_the_key_holds_the_gpu_count_host_ram_and_accelerate() -> None:
+    from autoquant.models import inventory, resolve
+    from autoquant.planner import plan
+
+    inv = inventory(resolve("builtin:tiny-sd"))
+
+    def digest(**machine: Any) -> TuningKey:
+        profile = made_up_machine(**machine)
+        return tuning_key(profile, plan(profile, inv), "identity")
+
+    key = digest(device="cuda", vram=16 * 10**9)
+    assert key.fields["gpu_count"] == 1 and "accelerate" in key.fields["versions"]
+    assert digest(device="cuda", vram=16 * 10**9, ram_gib=32).digest != key.digest
+
+
+def test_a_broken_tier_is_not_saved_as_the_decision(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_build = executor.build_tier
+    broken = {"once": True}
+
+    def build(planned: Any, **kw: Any) -> Any:
+        if broken.pop("once", False):
+            raise ValueError("tensor 'down_blocks.0.weight' is missing from the GGUF file")
+        return real_build(planned, **kw)
+
+    monkeypatch.setattr(executor, "build_tier", build)
+    warnings: list[str] = []
+    first = tune(TuneOptions(device="cpu", progress=False), log=warnings.append)
+    assert first.attempts[0].outcome == "error" and first.chosen_index == 1
+    assert any("not saving the tuning decision" in w for w in warnings)
+    assert TuningStore().entries() == {}
+    second = _tune()  # the repaired tier is tried again, not skipped for the fallback
+    assert second.cache["hit"] is False and second.chosen_index == 0
+
+
+def test_a_forced_tier_that_breaks_is_an_error_not_a_substitute(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build(planned: Any, **kw: Any) -> Any:
+        raise ValueError("tensor 'down_blocks.0.weight' is missing from the GGUF file")
+
+    monkeypatch.setattr(executor, "build_tier", build)
+    with pytest.raises(AutoquantError, match="forced tier gguf q4_0 failed at load") as caught:
+        _tune(backend="gguf", precision="q4_0")
+    assert "missing from the GGUF file" in str(caught.value)
     assert TuningStore().entries() == {}

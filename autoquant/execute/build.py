@@ -77,11 +77,12 @@ def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
 
 
 def pipeline_call_kwargs(inventory: ModelInventory, pipe: Any, **kwargs: Any) -> dict[str, Any]:
-    """Arguments every pipeline family accepts, adjusted per family."""
+    """The caller's arguments, with per-family defaults where the caller gave none (Flux's
+    guidance and sequence length). Nothing the caller gave is dropped: Flux takes a
+    ``negative_prompt`` too (it applies with ``true_cfg_scale`` > 1)."""
     call = dict(kwargs)
     if inventory.family == "flux":
         call.setdefault("guidance_scale", _FLUX_GUIDANCE)
-        call.pop("negative_prompt", None)
         tokenizer = getattr(pipe, "tokenizer_2", None)
         limit = getattr(tokenizer, "model_max_length", 512)
         call.setdefault("max_sequence_length", min(512, int(limit)))

@@ -80,3 +80,26 @@ def cap_process_memory(device: str, limit_bytes: int) -> dict[str, Any]:
     fraction = min(1.0, limit_bytes / total)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return {"device": device, "limit_bytes": limit_bytes, "fraction": fraction}
+
+
+def allocator_limit(card_bytes: int, total_bytes: int, free_bytes: int, reserved_bytes: int) -> int:
+    """What PyTorch's allocator may hold for this process to behave like a card of
+    ``card_bytes``: the card minus what already sits outside the allocator on this one (the CUDA
+    context, cuBLAS workspaces, other processes: total − free − what the allocator reserved)."""
+    outside = max(0, total_bytes - free_bytes - reserved_bytes)
+    return max(0, card_bytes - outside)
+
+
+def emulate_card(device: str, card_bytes: int) -> dict[str, Any]:
+    """Make this process see a card of ``card_bytes``, context included (`--vram-limit`): the
+    allocator is capped at what such a card leaves after the memory outside the allocator,
+    measured now that the CUDA context exists. A per-process cap alone would be generous by
+    that much (about 0.65 GiB on an H200, planner/estimate.py CUDA_CONTEXT_BYTES)."""
+    import torch
+
+    index = torch.device(device).index or 0
+    torch.cuda.init()
+    torch.zeros(1, device=f"cuda:{index}")  # the context and the allocator exist from here
+    free, total = torch.cuda.mem_get_info(index)
+    limit = allocator_limit(card_bytes, total, free, torch.cuda.memory_reserved(index))
+    return {**cap_process_memory(device, limit), "card_bytes": card_bytes}

@@ -3,6 +3,7 @@ tier, then one tier down the ladder. Every change is recorded in the result's ad
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from autoquant.core.console import Log
@@ -45,8 +46,10 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
         for generator, state in zip(generators, states, strict=True):
             generator.set_state(state)
         try:
-            pipe = result.pipeline
-            return _invoke(pipe, pipeline_call_kwargs(result.inventory, pipe, **call))
+            # No local name for the pipeline: one would outlive this block and keep a failed
+            # tier alive while the next one is built.
+            kwargs = pipeline_call_kwargs(result.inventory, result.pipeline, **call)
+            return _invoke(result.pipeline, kwargs)
         except Exception as err:
             if not memory.is_oom(err):
                 raise
@@ -63,7 +66,7 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
             if next_index >= len(result.plan.ladder):
                 raise memory_exhausted(result, size)
             old = result.chosen.label
-            result.pipeline = None  # type: ignore[assignment]  # drop it before building the next
+            _retire(result)
             memory.free(result.plan.device)
             fresh = execute(
                 result.plan,
@@ -82,11 +85,26 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
         log(f"  {change}")
 
 
+def _retire(result: Result) -> None:
+    """Drop the failed tier before the next one is built, so the two are never in memory
+    together. The pipeline object may outlive this (under `guard` it is the user's handle, which
+    gets the next tier's contents): empty it, so nothing it holds keeps the weights alive."""
+    retired = result.pipeline
+    result.pipeline = None  # type: ignore[assignment]
+    retired.__dict__.clear()
+
+
 def _invoke(pipe: Any, kwargs: dict[str, Any]) -> Any:
     cls = type(pipe)
     if getattr(cls, "_autoquant_guarded", False):
         return super(cls, pipe).__call__(**kwargs)  # the pipeline's own call, not the guard
     return pipe(**kwargs)
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    """The name of a ``**kwargs`` parameter, if the signature has one."""
+    kinds = {p.kind: name for name, p in signature.parameters.items()}
+    return kinds.get(inspect.Parameter.VAR_KEYWORD)
 
 
 def memory_exhausted(result: Result, size: str) -> Exception:
@@ -106,10 +124,17 @@ def guard(result: Result, log: Log) -> DiffusionPipeline:
     pipe = result.pipeline
     base = type(pipe)
 
+    # Positional arguments mean what they mean to the pipeline's own __call__ (prompt, height,
+    # width, steps, … in its order): bind them to its names before going through generate().
+    signature = inspect.signature(base.__call__)
+    self_name = next(iter(signature.parameters))
+    var_keyword = _var_keyword(signature)
+
     def guarded_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            kwargs = {"prompt": args[0], **kwargs}
-        output = generate(result, log, **kwargs)
+        arguments = dict(signature.bind(self, *args, **kwargs).arguments)
+        del arguments[self_name]
+        extra = arguments.pop(var_keyword, {}) if var_keyword else {}
+        output = generate(result, log, **arguments, **extra)
         if result.pipeline is not self:  # moved to another tier: keep the user's handle working
             self.__dict__ = result.pipeline.__dict__
             result.pipeline = self

@@ -110,14 +110,20 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
     out of memory here; the outcome is saved for next time."""
     from autoquant import models
     from autoquant.execute import memory
-    from autoquant.execute.tuning_entry import entry_for, known_oom, saved_index, tuning_key
+    from autoquant.execute.tuning_entry import (
+        entry_for,
+        free_bytes,
+        known_oom,
+        saved_index,
+        tuning_key,
+    )
     from autoquant.models.identity import model_identity
     from autoquant.store.tuning_store import TuningStore
 
     say = log or (lambda _m: None)
     the_plan, profile, inventory = make_plan(options)
     if options.vram_limit:
-        memory.cap_process_memory(the_plan.device, parse_size(options.vram_limit))
+        memory.emulate_card(the_plan.device, parse_size(options.vram_limit))
     source = models.resolve(options.model)
     folder = models.materialize(source, progress=options.progress)
     smoke = SmokeSettings(
@@ -134,7 +140,8 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
         index = saved_index(previous, the_plan) if previous else None
         cache = {"key": key.digest, "path": str(store.path), "hit": index is not None}
         if previous is not None and index is not None:
-            start, skip = index, known_oom(previous) - {the_plan.ladder[index].label}
+            oom_here = known_oom(previous, free_bytes(profile))
+            start, skip = index, oom_here - {the_plan.ladder[index].label}
             smoke = SmokeSettings(steps=1, width=smoke.width, height=smoke.height)
             say(f"tuning cache hit ({key.digest}): straight to {the_plan.ladder[index].label}")
         elif options.retune:
@@ -152,5 +159,14 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
     )
     result.cache = cache
     if store is not None and key is not None:
-        store.put(key.digest, entry_for(key, result, previous))
+        broken = [a for a in result.attempts if a.outcome == "error"]
+        if broken:
+            # A tier that broke (not one that ran out of memory) says nothing about what fits:
+            # saving the fallback as the choice would skip the broken tier once it is repaired.
+            say(f"not saving the tuning decision: {broken[0].label} failed ({broken[0].error})")
+        else:
+            retune = options.retune
+            store.update(
+                key.digest, lambda current: entry_for(key, result, None if retune else current)
+            )
     return result

@@ -27,11 +27,16 @@ class TuningKey:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+# An out-of-memory outcome is retried once this much more memory is free than when it happened
+# (another process may have held the memory then).
+_OOM_RETRY_FREE_FACTOR = 1.05
+
+
 def torch_and_diffusers_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     found: dict[str, str | None] = {}
-    for name in ("torch", "diffusers", "transformers"):
+    for name in ("torch", "diffusers", "transformers", "accelerate"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -47,8 +52,10 @@ def tuning_key(profile: HardwareProfile, plan: Plan, model_identity: str) -> Tun
             "accelerator": profile.accelerator,
             "gpu": gpu.name if gpu else None,
             "vram_total_bytes": gpu.total_bytes if gpu else None,
+            "gpu_count": len(profile.gpus) if profile.has_gpu else 0,
             "driver": profile.driver,
             "compute_capability": gpu.compute_capability if gpu else None,
+            "ram_total_bytes": profile.ram_total_bytes,
             "cpu": None if gpu else profile.cpu.model,
             "versions": {
                 **torch_and_diffusers_versions(),
@@ -64,14 +71,26 @@ def tuning_key(profile: HardwareProfile, plan: Plan, model_identity: str) -> Tun
     )
 
 
+def free_bytes(profile: HardwareProfile) -> int:
+    """Memory free for a plan on the machine now: the GPU's free memory (the cap under
+    --vram-limit), else available RAM."""
+    gpu = profile.primary_gpu
+    return gpu.free_bytes if profile.has_gpu and gpu else profile.ram_available_bytes
+
+
 def entry_for(key: TuningKey, result: Result, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """What to remember of a run: every tier's outcome (old OOMs kept) and the chosen figures."""
+    """What to remember of a run: every tier's outcome (old OOMs kept) with the memory free when
+    it happened, and the chosen figures."""
     outcomes = {o["label"]: o for o in (previous or {}).get("outcomes", [])}
+    free = free_bytes(result.profile)
     for attempt in result.attempts:
+        if attempt.outcome == "skipped" and attempt.label in outcomes:
+            continue  # skipped for an earlier OOM: keep when that happened
         outcomes[attempt.label] = {
             "label": attempt.label,
             "backend": attempt.backend,
             "precision": attempt.precision,
+            "free_bytes": free,
             "outcome": attempt.outcome,
             "error": attempt.error,
         }
@@ -86,8 +105,15 @@ def entry_for(key: TuningKey, result: Result, previous: dict[str, Any] | None) -
     }
 
 
-def known_oom(entry: dict[str, Any]) -> set[str]:
-    return {o["label"] for o in entry.get("outcomes", []) if o.get("outcome") == "oom"}
+def known_oom(entry: dict[str, Any], free_now: int) -> set[str]:
+    """The tiers that ran out of memory here with no less memory free than now: skip them. One
+    that ran out while less was free (another process held memory) is tried again."""
+    return {
+        o["label"]
+        for o in entry.get("outcomes", [])
+        if o.get("outcome") == "oom"
+        and free_now <= o.get("free_bytes", free_now) * _OOM_RETRY_FREE_FACTOR
+    }
 
 
 def saved_index(entry: dict[str, Any], plan: Plan) -> int | None:

@@ -59,6 +59,11 @@ class Plan:
     request: Request
     settings: dict[str, Any]
 
+    @property
+    def forced(self) -> bool:
+        """Whether the user forced the first tier (`--backend`, `force.backend`)."""
+        return bool(self.settings["force"]["backend"])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,

@@ -38,8 +38,15 @@ class TuningStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        except OSError as err:
+            raise AutoquantError(
+                f"cannot use the tuning cache in {self.path.parent} ({err.strerror or err}): "
+                "make it writable or set AUTOQUANT_CACHE_DIR to a writable folder"
+            ) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -47,22 +54,26 @@ class TuningStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read(self) -> dict[str, Any]:
-        """All entries; an unreadable store is moved aside with a warning and reads as empty."""
+        """All entries; an unreadable store (not JSON, not UTF-8, not a file) is moved aside with
+        a warning and reads as empty."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        try:
-            data = json.loads(text)
+            data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") != STORE_VERSION or not isinstance(data.get("entries"), dict):
                 raise ValueError("not an autoquant tuning store")
             return dict(data["entries"])
-        except (ValueError, AttributeError) as err:
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
+            try:
                 os.replace(self.path, aside)
+            except OSError as moving:
+                raise AutoquantError(
+                    f"tuning cache {self.path} is unreadable ({err}) and cannot be moved aside "
+                    f"({moving.strerror or moving}): remove it or set AUTOQUANT_CACHE_DIR"
+                ) from None
             self._warn(
-                f"warning: tuning cache {self.path} is unreadable ({err}); moved it to "
+                f"warning: tuning cache {self.path} is unreadable ({_reason(err)}); moved it to "
                 f"{aside.name} and re-tuning"
             )
             return {}
@@ -74,11 +85,19 @@ class TuningStore:
     def get(self, digest: str) -> dict[str, Any] | None:
         return self.entries().get(digest)
 
-    def put(self, digest: str, entry: dict[str, Any]) -> None:
+    def update(
+        self, digest: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Replace one entry by ``change(current entry or None)``, reading and writing under one
+        lock: two processes updating one key both keep what they added."""
         with self._locked():
             entries = self._read()
-            entries[digest] = entry
+            entries[digest] = change(entries.get(digest))
             self._write(entries)
+            return dict(entries[digest])
+
+    def put(self, digest: str, entry: dict[str, Any]) -> None:
+        self.update(digest, lambda _current: entry)
 
     def remove(self, digest: str | None = None) -> int:
         """Remove one entry (or all with None); returns how many were removed."""
@@ -98,4 +117,18 @@ class TuningStore:
 
     def _write(self, entries: dict[str, Any]) -> None:
         data = {"version": STORE_VERSION, "entries": entries}
-        write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        try:
+            write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        except OSError as err:
+            raise AutoquantError(
+                f"cannot write the tuning cache {self.path} ({err.strerror or err}): make it "
+                "writable or set AUTOQUANT_CACHE_DIR to a writable folder"
+            ) from None
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder"
+    if isinstance(err, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    return str(err)
