@@ -104,10 +104,20 @@ def test_run_with_no_arguments_writes_an_image_and_a_report(tmp_path: Path) -> N
     assert report["model"] == "builtin:tiny-sd"
     assert (out / "image.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "chosen:" in proc.stdout and (out / "report.md").exists()
+    # The generation's own step time (timed in it), apart from the smoke test's.
+    generation, measured = report["generation"], report["measured"]
+    assert generation["steps"] == 20 and 0 < generation["step_seconds"] < generation["seconds"]
+    assert measured["smoke_step_seconds"] == measured["step_seconds"] > 0
+    step, total = generation["step_seconds"], generation["seconds"]
+    assert f"step: {step:.3f} s, in all: {total:.3f} s" in (out / "report.md").read_text()
+    assert f"generation: 20 steps at 64x64, {step:.3f} s/step" in proc.stdout
+    assert "load + smoke test): measured" in proc.stdout and "estimated need" in proc.stdout
     # A second run never overwrites the first one's files.
     first = (out / "report.json").read_bytes()
-    assert aq("run", "--json", "--steps", "1", cwd=tmp_path).returncode == 0
+    second = aq("run", "--json", "--steps", "1", cwd=tmp_path)
+    assert second.returncode == 0
     assert (out / "report.json").read_bytes() == first and (out / "report-2.json").exists()
+    assert json.loads(second.stdout)["generation"]["step_seconds"] is None  # no gap to time
 
 
 def test_convert_caches_and_rebuilds_a_truncated_file(tmp_path: Path) -> None:

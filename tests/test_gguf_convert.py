@@ -7,9 +7,11 @@ is not (x_embedder, 16).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -21,6 +23,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, UNet2DConditionModel
 
+import autoquant
 from autoquant.backends.gguf import convert as gguf_convert
 from autoquant.backends.gguf.convert import (
     GGUF_TYPES,
@@ -438,3 +441,165 @@ def test_threaded_encoding_writes_the_same_bytes_as_one_thread(
             folder, "q5_1", cache_root=tmp_path / str(threads), progress=False
         ).path.read_bytes()
     assert files[1] == files[3]
+
+
+def _flip_middle(path: Path, count: int = 256) -> None:
+    """Invert ``count`` bytes in the middle of the file: tensor data, the header untouched."""
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        data = handle.read(count)
+        handle.seek(-len(data), os.SEEK_CUR)
+        handle.write(bytes(byte ^ 0xFF for byte in data))
+
+
+def test_corrupt_tensor_data_is_rebuilt(
+    unet_case: tuple[Path, UNet2DConditionModel], tmp_path: Path
+) -> None:
+    folder, model = unet_case
+    fresh = convert_denoiser(folder, "q4_0", cache_root=tmp_path / "fresh", progress=False)
+    path = convert_denoiser(folder, "q4_0", cache_root=tmp_path, progress=False).path
+    assert path.read_bytes() == fresh.path.read_bytes()
+    _flip_middle(path)
+    gguf_convert._checked_summary(path, len(model.state_dict()), "q4_0")  # still well formed
+    with pytest.raises(CacheCorruptError, match="checksum"):
+        check_gguf(path)
+
+    result = convert_denoiser(folder, "q4_0", cache_root=tmp_path, progress=False)
+
+    assert result.rebuilt and not result.cache_hit
+    assert path.read_bytes() == fresh.path.read_bytes()
+    assert convert_denoiser(folder, "q4_0", cache_root=tmp_path, progress=False).cache_hit
+
+
+def test_cache_file_of_another_version_is_rebuilt(
+    unet_case: tuple[Path, UNet2DConditionModel],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder, _ = unet_case
+    monkeypatch.setattr(autoquant, "__version__", "0.0.1")
+    old = convert_denoiser(folder, "q8_0", cache_root=tmp_path, progress=False)
+    check_gguf(old.path)  # intact: only its version differs
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.WARNING, logger="autoquant.backends.gguf.convert"):
+        result = convert_denoiser(folder, "q8_0", cache_root=tmp_path, progress=False)
+
+    assert result.rebuilt and not result.cache_hit
+    assert any("autoquant 0.0.1" in record.getMessage() for record in caplog.records)
+    field = gguf.GGUFReader(result.path).get_field("autoquant.version")
+    assert field is not None and field.contents() == autoquant.__version__
+
+
+def _child_convert(folder: str, qtype: str, out: str, go: str) -> None:
+    from autoquant.cli.main import main
+    from tests.test_files import _start_together, slow_disk
+
+    slow_disk()
+    _start_together(Path(go))
+    sys.exit(main(["convert", folder, "--to", qtype, "--out", out]))
+
+
+def test_concurrent_converts_to_one_out_one_wins(
+    unet_case: tuple[Path, UNet2DConditionModel], tmp_path: Path
+) -> None:
+    folder, _ = unet_case
+    out, go = tmp_path / "x.gguf", tmp_path / "go"
+    code = (
+        "import sys; from tests.test_gguf_convert import _child_convert; "
+        "_child_convert(*sys.argv[1:])"
+    )
+    children = {
+        qtype: subprocess.Popen(
+            [sys.executable, "-c", code, str(folder), qtype, str(out), str(go)],
+            cwd=Path(__file__).parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for qtype in ("q4_1", "q8_0")
+    }
+    for child in children.values():
+        assert child.stdout is not None and child.stdout.readline() == "ready\n", child.stderr
+    go.touch()
+    outputs = {qtype: child.communicate(timeout=300) for qtype, child in children.items()}
+    results = {qtype: (children[qtype].returncode, *outputs[qtype]) for qtype in children}
+
+    [winner] = [qtype for qtype, (code, _, _) in results.items() if code == 0]
+    [(loser_code, loser_out, loser_err)] = [r for qtype, r in results.items() if qtype != winner]
+    assert results[winner][1].startswith("written"), results
+    assert loser_code == 2 and loser_out == ""
+    # One line (libraries may print their import warnings above it), no traceback.
+    assert "Traceback" not in loser_err
+    assert loser_err.splitlines()[-1] == (
+        f"autoquant: error: {out} already exists: pick another --out (it is never overwritten)"
+    )
+    check_gguf(out)  # complete, and its checksum matches
+    field = gguf.GGUFReader(out).get_field("autoquant.qtype")
+    assert field is not None and field.contents() == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "x.gguf"]
+
+
+def _fill_then_fail(error: OSError) -> Any:
+    def write_gguf(path: Path, *_: Any) -> None:
+        path.write_bytes(b"\0" * 4096)
+        raise error
+
+    return write_gguf
+
+
+@pytest.mark.parametrize("to_out", [False, True])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError("36864 requested and 7400 written"),  # numpy's tofile: no errno
+    ],
+)
+def test_full_disk_is_one_line_and_leaves_nothing(
+    unet_case: tuple[Path, UNet2DConditionModel],
+    error: OSError,
+    to_out: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder, _ = unet_case
+    monkeypatch.setattr(gguf_convert, "_write_gguf", _fill_then_fail(error))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    where = {"out": tmp_path / "unet.gguf"} if to_out else {"cache_root": tmp_path}
+
+    with pytest.raises(AutoquantError, match=r"^no space left on device writing ") as caught:
+        convert_denoiser(folder, "q8_0", progress=False, **where)
+
+    message = str(caught.value)
+    assert "\n" not in message and "free " in message
+    assert ("--out" in message) is to_out and ("AUTOQUANT_CACHE_DIR" in message) is not to_out
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+
+
+def test_a_short_write_with_room_left_is_not_called_a_full_disk(
+    unet_case: tuple[Path, UNet2DConditionModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = unet_case
+    error = OSError("36864 requested and 7400 written")
+    monkeypatch.setattr(gguf_convert, "_write_gguf", _fill_then_fail(error))
+
+    with pytest.raises(OSError, match="requested") as caught:
+        convert_denoiser(folder, "q8_0", cache_root=tmp_path, progress=False)
+
+    assert not isinstance(caught.value, AutoquantError)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_out_file_mode_follows_the_umask(
+    unet_case: tuple[Path, UNet2DConditionModel], mask: int, mode: int, tmp_path: Path
+) -> None:
+    folder, _ = unet_case
+    previous = os.umask(mask)
+    try:
+        result = convert_denoiser(folder, "q4_0", out=tmp_path / "unet.gguf", progress=False)
+    finally:
+        os.umask(previous)
+    assert result.path.stat().st_mode & 0o777 == mode

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -311,6 +312,51 @@ def test_folder_inventory_equals_builtin_inventory(tiny_folders: dict[str, Path]
     assert _counts(folder) == _counts(builtin)
     assert (builtin.family, builtin.default_size) == ("sd", 64)
     assert [c.name for c in builtin.components] == ["text_encoder", "unet", "vae"]
+
+
+SD_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+
+
+@pytest.mark.parametrize(
+    ("index", "unet_config", "expected"),
+    [
+        ("{not json", None, r"model_index\.json is not valid JSON \(Expecting"),
+        ("[1, 2]", None, r"model_index\.json must hold a JSON object \{\.\.\.\}, not \[1, 2\]"),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"]}', None, r'no "_class_name"'),
+        (
+            json.dumps({**SD_INDEX, "unet": ["diffusers", "UNet2DConditionModel", "extra"]}),
+            None,
+            r"'unet' must be \[library, class name\] or \[null, null\]",
+        ),
+        (json.dumps(SD_INDEX), "{garbage", r"unet/config\.json is not valid JSON"),
+        (json.dumps(SD_INDEX), "[]", r"unet/config\.json must hold a JSON object"),
+        (json.dumps(SD_INDEX), "\xff\xfe", r"cannot read .*unet/config\.json"),
+    ],
+)
+def test_a_broken_folder_is_a_one_line_model_error(
+    tmp_path: Path, index: str, unet_config: str | None, expected: str
+) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    if unet_config is not None:
+        (folder / "unet").mkdir()
+        (folder / "unet" / "config.json").write_bytes(unet_config.encode("latin-1"))
+    with pytest.raises(ModelNotFoundError, match=expected) as error:
+        inventory(resolve(str(folder)))
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_that_does_not_build_its_class_is_a_model_error(
+    tiny_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "tiny-sd"
+    shutil.copytree(tiny_folders["tiny-sd"], folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "block_out_channels": [32]}))
+    with pytest.raises(ModelNotFoundError, match=r"'unet': diffusers\.UNet2DConditionModel cannot"):
+        inventory(resolve(str(folder)))
 
 
 def test_list_builtins() -> None:

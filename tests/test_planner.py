@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from machines import made_up_machine
 from autoquant.cli.main import main
 from autoquant.core.errors import ConfigError
 from autoquant.planner import load_settings, plan
+from autoquant.planner.rules import default_layer, range_of
 from autoquant.probe.types import BackendStatus, CpuInfo, GpuInfo, HardwareProfile
 
 
@@ -154,6 +156,64 @@ def test_error_names_the_line(tmp_path: Path) -> None:
     bad.write_text("# comment\nplanner:\n  headroom: 0.8\n  skip_if_fitz: true\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:4: unknown key 'planner.skip_if_fitz'"):
         load_settings([str(bad)])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("planner:\n  headroom: -1\n", "'planner.headroom' is -1; it must be a number greater"),
+        ("planner:\n  headroom: 0\n", "a number greater than 0 and at most 1"),
+        ("planner:\n  headroom: 1.01\n", "a number greater than 0 and at most 1"),
+        ("planner:\n  ladder_length: 0\n", "a whole number from 1 to 100"),
+        ("planner:\n  ladder_length: 2.5\n", "'planner.ladder_length' must be int, not float"),
+        ("thresholds:\n  quanto_min_vram_gb: -4\n", "a number from 0 to 100000"),
+        ("request:\n  width: 1001\n", "'request.width' is 1001; it must be a multiple of 8"),
+        ("request:\n  height: 0\n", "a multiple of 8 from 8 to 8192"),
+        ("request:\n  batch: 0\n", "a whole number from 1 to 1024"),
+        ("request:\n  steps: 1001\n", "a whole number from 1 to 1000"),
+        ("hardware:\n  vram: lots\n", "'hardware.vram': cannot read size 'lots'"),
+    ],
+)
+def test_numeric_settings_out_of_range_name_file_and_line(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_settings([str(bad)])
+    message = str(error.value)
+    assert message.startswith(f"{bad}:2: ") and expected in message and "\n" not in message
+
+
+def test_numeric_settings_at_their_edges_load() -> None:
+    edges = [
+        "planner.headroom=1",
+        "planner.ladder_length=1",
+        "thresholds.bitsandbytes_min_vram_gb=0",
+        "request.width=8",
+        "request.height=8192",
+        "request.steps=1000",
+        "hardware.vram=6GB",
+    ]
+    settings = load_settings([], edges)
+    assert settings["planner"]["headroom"] == 1 and settings["request"]["height"] == 8192
+
+
+def test_every_numeric_setting_of_the_default_profile_has_a_range() -> None:
+    def leaves(data: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    numeric = [
+        key
+        for key, value in leaves(default_layer().data)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    assert "planner.headroom" in numeric and "thresholds.quanto_min_vram_gb" in numeric
+    assert [key for key in numeric if range_of(key) is None] == []
 
 
 def _gpu_profile(*gpus: GpuInfo, ram: int = 64 * 1024**3) -> HardwareProfile:

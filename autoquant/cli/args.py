@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
+from autoquant.planner.rules import BATCH, SIDE, STEPS, Range
 
 EXIT_USAGE = 2
+# torch.Generator.manual_seed takes -2**63 … 2**64-1 and wraps negative seeds around to
+# 2**64 + seed; only the non-negative ones are accepted, so a report's seed is the one used.
+MAX_SEED = 2**64 - 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,9 +75,9 @@ def add_tuning_arguments(
     p.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory (real OOM)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
     p.add_argument("--size", type=width_height, help=size_help)
-    p.add_argument("--smoke-steps", type=positive_int, default=2, help="steps of the smoke test")
+    p.add_argument("--smoke-steps", type=step_count, default=2, help="steps of the smoke test")
     p.add_argument(
-        "--smoke-size", type=positive_int, help="side of the smoke test (default: --size)"
+        "--smoke-size", type=side_length, help="side of the smoke test (default: --size)"
     )
     p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
 
@@ -112,19 +117,33 @@ def size_text(text: str) -> str:
 
 
 def width_height(text: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT, both multiples of 8 (the VAE's scale)."""
+    """WIDTHxHEIGHT, each side in the range a profile's request.width/height takes."""
     width, sep, height = text.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit():
         raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 1024x1024")
-    if int(width) % 8 or int(height) % 8:
-        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be multiples of 8")
+    if not (SIDE.contains(int(width)) and SIDE.contains(int(height))):
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: width and height must each be {SIDE.describe()}"
+        )
     return int(width), int(height)
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(text)
+def whole_number(valid: Range) -> Callable[[str], int]:
+    """An argument type: a whole number in ``valid`` (the range of the setting it stands for)."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not valid.contains(int(text)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {valid.describe()}")
+        return int(text)
+
+    return parse
+
+
+positive_int = whole_number(Range(1, None, step=1))
+side_length = whole_number(SIDE)
+step_count = whole_number(STEPS)
+batch_size = whole_number(BATCH)
+generator_seed = whole_number(Range(0, MAX_SEED, step=1))
 
 
 def quiet_libraries() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,16 @@ from autoquant.cli.args import (
     add_profile_arguments,
     add_tier_arguments,
     add_tuning_arguments,
+    batch_size,
+    generator_seed,
     options_from_args,
-    positive_int,
     quiet_libraries,
     size_text,
+    step_count,
     tuning_options,
     width_height,
 )
+from autoquant.cli.validate import validate
 from autoquant.core.console import progress_log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes, parse_size
@@ -57,15 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_arguments(p)
     add_tier_arguments(p)
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
-    p.add_argument("--batch", type=positive_int, help="images per prompt the estimate is for")
+    p.add_argument("--batch", type=batch_size, help="images per prompt the estimate is for")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
     add_tuning_arguments(p, size_help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=step_count, default=None, help="denoising steps (default 20)")
+    p.add_argument("--seed", type=generator_seed, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
 
@@ -168,6 +173,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class StepClock:
+    """The real generation's seconds per denoising step, from diffusers' step-end callback: the
+    gap between two step ends is one whole step (denoiser forwards and scheduler step) with none
+    of the prompt encoding or VAE decode in it."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.ends: list[float] = []
+
+    def __call__(
+        self, _pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if step == 0:
+            self.ends.clear()  # generate() called the pipeline again after an OOM: start over
+        _synchronize()
+        self.ends.append(self._clock())
+        return callback_kwargs
+
+    def step_seconds(self) -> float | None:
+        """The median step, or None for a one-step generation (it has no gap to time)."""
+        gaps = [later - earlier for earlier, later in itertools.pairwise(self.ends)]
+        return statistics.median(gaps) if gaps else None
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, on every GPU (device_map="balanced" spreads components), so a
+    timestamp marks work done rather than work queued."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
+def _seconds_per_step(value: float | None) -> str:
+    return f"{value:.3f} s/step" if value is not None else "no step time (one step)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -185,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = args.steps or 20
     request = result.plan.request
     log(f"generating {request.width}x{request.height}, {steps} steps …")
+    clock = StepClock()
     gen_started = time.perf_counter()
     output = generate(
         result,
@@ -195,9 +239,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         width=request.width,
         height=request.height,
         generator=torch.Generator("cpu").manual_seed(args.seed),
+        callback_on_step_end=clock,
     )
     report = result.report()
-    report["generation_seconds"] = time.perf_counter() - gen_started
     report["tuning_seconds"] = tuned
     report["generation"] = {
         "prompt": args.prompt,
@@ -206,21 +250,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         "width": request.width,
         "height": request.height,
         "seed": args.seed,
+        "seconds": time.perf_counter() - gen_started,
+        "step_seconds": clock.step_seconds(),
     }
     paths = write_run(args.out, output.images[0], report)
     report["files"] = {k: str(v) for k, v in paths.items()}
     if args.json:
         _print_json(report)
         return 0
-    measured = report["measured"]
+    measured, estimate, generation = report["measured"], report["estimate"], report["generation"]
     print(f"chosen: {report['chosen']['label']} — {report['chosen']['description']}")
     for attempt in report["tried"][:-1]:
         print(f"  tried {attempt['label']}: {attempt['outcome']} ({attempt['error']})")
     print(
-        f"measured: load {measured['load_seconds']:.2f} s, "
-        f"peak {format_bytes(measured['peak_bytes'] or 0)} "
-        f"(estimate {format_bytes(measured['estimate_bytes'] or 0)}), "
-        f"{measured['step_seconds']:.3f} s/step; generation {report['generation_seconds']:.2f} s"
+        f"generation: {steps} steps at {request.width}x{request.height}, "
+        f"{_seconds_per_step(generation['step_seconds'])}, {generation['seconds']:.2f} s in all; "
+        f"smoke test {_seconds_per_step(measured['smoke_step_seconds'])}; "
+        f"load {measured['load_seconds']:.2f} s"
+    )
+    print(
+        f"peak ({measured['peak_scope']}, load + smoke test): "
+        f"measured {format_bytes(measured['peak_bytes'] or 0)}, "
+        f"estimated {format_bytes(estimate['peak_bytes'])}; "
+        f"estimated need {format_bytes(estimate['required_bytes'])} = "
+        f"{format_bytes(estimate['allocator_peak_bytes'])} allocator peak + "
+        f"{format_bytes(estimate['overhead_bytes'])} {estimate['overhead']}"
     )
     if report["cache"] and report["cache"]["hit"]:
         print(f"tuning cache hit ({report['cache']['key']}): went straight to the saved tier")
@@ -261,9 +315,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "show":
         _print_json(entry)
         return 0
-    if args.out.exists():
-        raise AutoquantError(f"{args.out} exists: pick another --out (it is never overwritten)")
-    write_text_atomic(args.out, export_profile(entry))
+    try:
+        write_text_atomic(args.out, export_profile(entry), overwrite=False)
+    except FileExistsError:
+        raise AutoquantError(
+            f"{args.out} exists: pick another --out (it is never overwritten)"
+        ) from None
     print(f"wrote {args.out}; reproduce with: autoquant run --profile {args.out}")
     return 0
 
@@ -282,7 +339,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     state = (
         "cache hit"
         if result.cache_hit
-        else ("rebuilt (cache was corrupt)" if result.rebuilt else "written")
+        else ("rebuilt (cached file was corrupt or stale)" if result.rebuilt else "written")
     )
     print(
         f"{state}: {result.path} ({format_bytes(result.file_bytes)}; "
@@ -320,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        validate(args)
         return _COMMANDS[args.command](args)
     except AutoquantError as err:
         print(f"autoquant: error: {err}", file=sys.stderr)

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from autoquant.core.fsutil import atomic_file, write_text_atomic
+from autoquant.core.fsutil import write_new
 from autoquant.core.units import format_bytes
 
 _NAMES = ("image.png", "report.json", "report.md")
 
 
-def free_names(out: Path) -> dict[str, Path]:
-    """image.png / report.json / report.md in ``out``, or -2, -3, … variants of all three when
-    any of them exists: an earlier run's files are never overwritten."""
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = ""
-    counter = 1
-    while any((out / _with_suffix(n, suffix)).exists() for n in _NAMES):
-        counter += 1
-        suffix = f"-{counter}"
-    image, report_json, report_md = (out / _with_suffix(n, suffix) for n in _NAMES)
-    return {"image": image, "report_json": report_json, "report_md": report_md}
+def free_names(out: Path) -> Iterator[list[Path]]:
+    """image.png / report.json / report.md in ``out``, then their -2, -3, … variants: the sets
+    a run may take, in order, passing over those of which any file exists. Only claiming one
+    (write_run) makes it the run's: another run may take it first."""
+    for counter in itertools.count(1):
+        suffix = "" if counter == 1 else f"-{counter}"
+        names = [out / _with_suffix(name, suffix) for name in _NAMES]
+        if not any(name.exists() for name in names):
+            yield names
 
 
 def _with_suffix(name: str, suffix: str) -> str:
@@ -31,12 +32,18 @@ def _with_suffix(name: str, suffix: str) -> str:
 
 
 def write_run(out: Path, image: Any, report: dict[str, Any]) -> dict[str, Path]:
-    paths = free_names(out)
-    with atomic_file(paths["image"], "wb") as handle:
-        image.save(handle, format="PNG")
-    write_text_atomic(paths["report_json"], json.dumps(report, indent=2, default=str) + "\n")
-    write_text_atomic(paths["report_md"], report_markdown(report))
-    return paths
+    """Write the run's three files under the first free set of names: an earlier run's files,
+    or those of a run writing into ``out`` at the same time, are never overwritten, and the
+    three always share one suffix."""
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    contents = [
+        png.getvalue(),
+        (json.dumps(report, indent=2, default=str) + "\n").encode(),
+        report_markdown(report).encode(),
+    ]
+    image_path, report_json, report_md = write_new(free_names(out), contents)
+    return {"image": image_path, "report_json": report_json, "report_md": report_md}
 
 
 def _size(value: Any) -> str:
@@ -48,8 +55,12 @@ def _seconds(value: Any) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    """report.md. Each figure is named for what it is (Result.report): the generation's own step
+    time apart from the smoke test's, and the estimated peak in the measured peak's scope, with
+    what the device needs besides named separately."""
     chosen = report["chosen"]
-    measured = report["measured"]
+    measured, estimate = report["measured"], report["estimate"]
+    generation = report.get("generation") or {}
     probe = report["probe"]
     gpus = probe.get("gpus") or []
     device = gpus[0]["name"] if gpus and probe["accelerator"] != "cpu" else probe["cpu"]["model"]
@@ -58,12 +69,20 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Machine: {probe['accelerator']} — {device}",
         f"- Chosen: **{chosen['label']}** ({chosen['description']})",
-        f"- Estimated need: {_size(measured.get('estimate_bytes'))}; "
-        f"measured peak: {_size(measured.get('peak_bytes'))}; "
+        f"- Generation: {generation.get('steps', '—')} steps at "
+        f"{generation.get('width', '—')}x{generation.get('height', '—')}, "
+        f"step: {_seconds(generation.get('step_seconds'))}, "
+        f"in all: {_seconds(generation.get('seconds'))}",
+        f"- Smoke test: step: {_seconds(measured.get('smoke_step_seconds'))}, "
+        f"in all: {_seconds(measured.get('smoke_seconds'))}; "
+        f"load: {_seconds(measured.get('load_seconds'))}",
+        f"- Peak memory ({measured.get('peak_scope')}, load + smoke test): "
+        f"measured {_size(measured.get('peak_bytes'))}, "
+        f"estimated {_size(estimate.get('peak_bytes'))}; "
         f"after load: {_size(measured.get('weights_bytes'))}",
-        f"- Load: {_seconds(measured.get('load_seconds'))}; "
-        f"step: {_seconds(measured.get('step_seconds'))}; "
-        f"generation: {_seconds(report.get('generation_seconds'))}",
+        f"- Estimated need: {_size(estimate.get('required_bytes'))} = "
+        f"{_size(estimate.get('allocator_peak_bytes'))} allocator peak + "
+        f"{_size(estimate.get('overhead_bytes'))} {estimate.get('overhead')}",
         "",
         "## Tiers tried",
         "",

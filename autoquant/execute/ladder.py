@@ -72,7 +72,15 @@ class Result:
         return self.plan.ladder[self.chosen_index]
 
     def report(self) -> dict[str, Any]:
+        """The report of how the tier was chosen. Its figures say what they are: the smoke
+        test's step time is ``smoke_step_seconds``, and ``estimate.peak_bytes`` is the estimate
+        of ``measured.peak_bytes`` in the same scope: the allocator's peak on CUDA (the context
+        is outside it), the process's resident-set peak elsewhere (the runtime is inside it,
+        execute/memory.py). ``required_bytes`` is the allocator peak plus that overhead."""
         attempt = self.attempts[-1]
+        estimate = self.chosen.estimate
+        allocator_peak = max(estimate.peak_bytes, estimate.load_peak_bytes)
+        in_allocator = self.plan.device.startswith("cuda")
         return {
             "model": self.plan.model,
             "chosen": {
@@ -90,10 +98,19 @@ class Result:
                 "device": self.plan.device,
                 "load_seconds": attempt.load_seconds,
                 "weights_bytes": attempt.weights_bytes,
-                "peak_bytes": attempt.peak_bytes,
-                "step_seconds": attempt.step_seconds,
+                "peak_bytes": attempt.peak_bytes,  # while loading and smoke-testing
+                "peak_scope": "allocator" if in_allocator else "process resident set",
+                "smoke_step_seconds": attempt.step_seconds,
                 "smoke_seconds": attempt.smoke_seconds,
-                "estimate_bytes": attempt.estimate_bytes,
+                # The smoke test's step again, under the name serve/worker.py's summary reads.
+                "step_seconds": attempt.step_seconds,
+            },
+            "estimate": {
+                "peak_bytes": allocator_peak if in_allocator else estimate.required_bytes,
+                "allocator_peak_bytes": allocator_peak,
+                "overhead_bytes": estimate.overhead_bytes,
+                "overhead": "CPU runtime" if self.plan.device == "cpu" else "CUDA context",
+                "required_bytes": estimate.required_bytes,
             },
             "warnings": list(self.warnings),
             "adjustments": list(self.adjustments),
@@ -212,6 +229,13 @@ def execute(
             log=log,
         )
         attempts.append(attempt)
+        if index == 0 and plan.forced and attempt.outcome == "error":
+            # The user asked for this tier and it broke (a corrupt file, a library error):
+            # another tier in its place would be a silent substitute. Running out of memory, or a
+            # backend that cannot run here at all, still falls back, as the plan's path says.
+            raise AutoquantError(
+                f"the forced tier {planned.label} failed at {attempt.phase}: {attempt.error}"
+            )
         if pipe is not None:
             warnings.extend(get_backend(planned.tier.backend).warnings())
             log(

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.core.errors import ModelNotFoundError
+from autoquant.core.errors import ModelNotFoundError, error_line
 from autoquant.core.fsutil import write_text_atomic
 from autoquant.core.paths import cache_dir
 from autoquant.models.builtin import load_builtin
@@ -134,7 +134,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int, tuple[tuple[int, int],
 
 def inventory(source: ModelSource) -> ModelInventory:
     """Parameter counts per component of ``source``, from configs alone; cached on disk."""
-    layout = _layout(source)
+    layout = pipeline_layout(source)
     path = cache_dir() / "inventory" / f"{layout.cache_key()}.json"
     data = _read_cached(path)
     if data is None:
@@ -143,7 +143,9 @@ def inventory(source: ModelSource) -> ModelInventory:
     return _inventory_from_dict(source, data)
 
 
-def _layout(source: ModelSource) -> PipelineLayout:
+def pipeline_layout(source: ModelSource) -> PipelineLayout:
+    """The JSON that ``inventory`` counts from, read and checked without importing torch: the
+    CLI calls it first, so a broken model folder is a one-line error before any heavy work."""
     if source.kind == "builtin":
         spec = load_builtin(source.name)
         configs = {name: spec.components[name] for name in counted_components(spec.model_index)}
@@ -158,20 +160,68 @@ def _layout(source: ModelSource) -> PipelineLayout:
 
 
 def folder_layout(folder: Path) -> PipelineLayout:
-    model_index = json.loads((folder / "model_index.json").read_text())
+    """A diffusers folder's model_index.json and the configs of its counted components; anything
+    that is not what diffusers writes there is a ModelNotFoundError naming the file."""
+    index_path = folder / "model_index.json"
+    model_index = _read_json_object(index_path)
+    if not isinstance(model_index.get("_class_name"), str):
+        raise ModelNotFoundError(f'{index_path} has no "_class_name" naming the pipeline class')
+    for name, entry in model_index.items():
+        if component_role(name) is not None and not _is_component_entry(entry):
+            raise ModelNotFoundError(
+                f"{index_path}: {name!r} must be [library, class name] or [null, null], "
+                f"not {json.dumps(entry)[:80]}"
+            )
     configs = {}
     for name in counted_components(model_index):
         config_path = folder / name / "config.json"
         if not config_path.is_file():
             raise ModelNotFoundError(f"{folder}: component {name!r} has no config.json")
-        configs[name] = json.loads(config_path.read_text())
+        configs[name] = _read_json_object(config_path)
     return PipelineLayout(model_index, configs)
+
+
+def _is_component_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 2
+        and all(part is None or isinstance(part, str) for part in entry)
+    )
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"cannot read {path}: {err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelNotFoundError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+            "re-save or re-download the model folder"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelNotFoundError(
+            f"{path} must hold a JSON object {{...}}, not {json.dumps(data)[:60]}"
+        )
+    return data
 
 
 def _count(layout: PipelineLayout) -> dict[str, Any]:
     components = []
     for name, (library, class_name) in counted_components(layout.model_index).items():
-        model = build_on_meta(library, class_name, layout.configs[name])
+        try:
+            model = build_on_meta(library, class_name, layout.configs[name])
+        except ModelNotFoundError:
+            raise
+        # A config that parses but does not build its class (wrong types, impossible shapes) is
+        # the model folder's problem, not a bug here.
+        except Exception as err:
+            raise ModelNotFoundError(
+                f"component {name!r}: {library}.{class_name} cannot be built from its "
+                f"config.json ({error_line(err)})"
+            ) from err
         params, linear, by_width, kept = count_parameters(model)
         resident = resident_params(model, library)
         role = component_role(name)

@@ -1,7 +1,8 @@
 """Profiles: the default decision tree and settings, presets, user files and `--set` overrides.
 
 Layers merge in order default < preset/user files (in the order given) < `--set`. Every layer is
-validated against the default's keys and types; errors name the file, line and key in one line.
+validated against the default's keys and types, and each numeric key against its range (RANGES,
+which the CLI's argument types share); errors name the file, line and key in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import yaml
 
 from autoquant.backends import backend_names, validate_tier_name
 from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
-from autoquant.core.errors import ConfigError
+from autoquant.core.errors import AutoquantError, ConfigError
+from autoquant.core.units import parse_size
 from autoquant.planner.facts import FACTS
 
 # Keys whose default is null (or a list) and the types they accept when set.
@@ -40,6 +42,62 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Sections validated by their own functions rather than key by key.
 _FREEFORM = {"tree", "ladder", "precision", "force.memory_options"}
+# Keys holding a memory size ("8GB"), read by core/units.py's parse_size.
+_SIZES = {"hardware.vram"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting (or the flag that sets it) may take: ``low`` to ``high``
+    (None: no upper bound), ``low`` itself excluded when ``above_low``; ``step`` makes it a whole
+    multiple of ``step`` (1: any whole number), None any real number."""
+
+    low: float
+    high: float | None
+    step: int | None = None
+    above_low: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.step is not None and (value != int(value) or int(value) % self.step):
+            return False
+        above = value > self.low if self.above_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        kind = {None: "a number", 1: "a whole number"}.get(self.step, f"a multiple of {self.step}")
+        low, high = _number(self.low), None if self.high is None else _number(self.high)
+        if self.above_low:
+            return f"{kind} greater than {low}" + (f" and at most {high}" if high else "")
+        return f"{kind} from {low} to {high}" if high else f"{kind} of at least {low}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+# Image sides are multiples of the VAE's scale factor (8 in every supported family); 8192 is far
+# past any family's native size (Flux's 1024) and already needs ~170 GB for the VAE decode alone
+# (planner/estimate.py: 2,500 bytes per output pixel).
+SIDE = Range(8, 8192, step=8)
+# Past 1000 steps (SD's and SDXL's training timesteps) diffusers' DDIM-style schedulers refuse
+# the call.
+STEPS = Range(1, 1000, step=1)
+BATCH = Range(1, 1024, step=1)
+# Every numeric key of profiles/default.yaml; "section.*" covers each key of a section.
+RANGES: dict[str, Range] = {
+    "planner.headroom": Range(0, 1, above_low=True),  # a fraction of free memory
+    "planner.ladder_length": Range(1, 100, step=1),
+    "thresholds.*": Range(0, 100_000),  # GB of a card's memory
+    "request.width": SIDE,
+    "request.height": SIDE,
+    "request.batch": BATCH,
+    "request.steps": STEPS,
+}
+
+
+def range_of(dotted: str) -> Range | None:
+    section = dotted.rpartition(".")[0]
+    return RANGES.get(dotted) or RANGES.get(f"{section}.*")
 
 
 @dataclass(frozen=True)
@@ -166,12 +224,14 @@ def _check_value(layer: Layer, dotted: str, value: Any, default: Any) -> None:
             return
         raise ConfigError(f"{_where(layer, dotted)}: {dotted!r} cannot be null")
     allowed: tuple[type, ...]
+    valid = range_of(dotted)
     if dotted in _NULLABLE:
         allowed = _NULLABLE[dotted]
     elif isinstance(default, bool):
         allowed = (bool,)
     elif isinstance(default, (int, float)):
-        allowed = (int, float)
+        # A whole-number setting is used as a count or a size: 6.0 would break slicing later.
+        allowed = (int,) if valid is not None and valid.step is not None else (int, float)
     else:
         allowed = (type(default),)
     if isinstance(value, bool) and bool not in allowed:
@@ -189,6 +249,15 @@ def _check_value(layer: Layer, dotted: str, value: Any, default: Any) -> None:
         raise ConfigError(
             f"{_where(layer, dotted)}: {dotted!r} is {value!r}; choose one of {', '.join(choices)}"
         )
+    if valid is not None and not valid.contains(value):
+        raise ConfigError(
+            f"{_where(layer, dotted)}: {dotted!r} is {value!r}; it must be {valid.describe()}"
+        )
+    if dotted in _SIZES:
+        try:
+            parse_size(str(value))
+        except AutoquantError as err:
+            raise ConfigError(f"{_where(layer, dotted)}: {dotted!r}: {err}") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -224,10 +293,6 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
         return "profile"
 
     thresholds = settings["thresholds"]
-    for name, value in thresholds.items():
-        if value < 0:
-            raise ConfigError(f"{where('thresholds.' + name)}: thresholds.{name} must be >= 0")
-
     tree = settings["tree"]
     if not isinstance(tree, list) or not tree:
         raise ConfigError(f"{where('tree')}: 'tree' must be a non-empty list of rules")

@@ -19,7 +19,9 @@ What diffusers 0.42's loader requires (``load_gguf_checkpoint`` in models/model_
   dequantize them again anyway.
 - No metadata is read. ``general.architecture`` (GGUFWriter always writes it) holds the diffusers
   class name; ``autoquant.version``, ``autoquant.qtype`` and ``autoquant.source`` (the component
-  identity) say where the file came from.
+  identity) say where the file came from, and ``autoquant.sha256`` is the checksum of every other
+  byte of the file, written last (``_seal``): a cached file is reused only when it matches and the
+  version is this one's.
 
 Load the result with ``ModelClass.from_single_file(str(path), config=str(folder),
 subfolder=subfolder, quantization_config=GGUFQuantizationConfig(compute_dtype=...))``.
@@ -28,12 +30,13 @@ subfolder=subfolder, quantization_config=GGUFQuantizationConfig(compute_dtype=..
 from __future__ import annotations
 
 import collections
-import contextlib
+import errno
+import hashlib
 import itertools
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +47,9 @@ from typing import TYPE_CHECKING, Any
 import autoquant
 from autoquant.backends.gguf.formats import GGUF_BLOCK, GGUF_TYPES
 from autoquant.core.errors import AutoquantError, CacheCorruptError, ModelNotFoundError
+from autoquant.core.fsutil import atomic_path
 from autoquant.core.paths import cache_dir
+from autoquant.core.units import format_bytes
 from autoquant.models.identity import component_identity
 
 if TYPE_CHECKING:
@@ -59,6 +64,14 @@ _FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5
 _KEY_VERSION = "autoquant.version"
 _KEY_QTYPE = "autoquant.qtype"
 _KEY_SOURCE = "autoquant.source"
+_KEY_DIGEST = "autoquant.sha256"
+# What the digest's place holds while the digest is computed, and is read as when checking it.
+_DIGEST_PLACEHOLDER = b"0" * 64
+# The digest is the sha256 of the sha256s of the file's segments, which hash in parallel; the
+# segment size is part of the digest's definition, the thread count is not.
+_DIGEST_SEGMENT = 64 * 2**20
+# Read at a time by each thread: hashing holds 128 KiB a thread whatever the file's size.
+_DIGEST_READ = 2**17
 # gguf's quantizers are numpy, which releases the GIL inside its array operations, so threads
 # encode several tensors at once. Flux-dev's transformer to Q5_1 on a 16-core host: 215 s on one
 # thread; on eight, its whole load (conversion included) took 102 s. More threads than this
@@ -128,7 +141,11 @@ class _ModelScan:
 class _GgufSummary:
     tensor_count: int
     quantized_tensors: int
-    qtype: str | None  # the autoquant.qtype metadata; None in files autoquant did not write
+    # The autoquant.* metadata; None in files autoquant did not write.
+    qtype: str | None
+    version: str | None
+    digest: str | None
+    digest_offset: int  # where the digest's characters start in the file (-1: none)
 
 
 def denoiser_subfolder(folder: Path) -> str:
@@ -176,14 +193,15 @@ def convert_denoiser(
             raise AutoquantError(
                 f"{out}: the file name must end in .gguf, or diffusers won't load it"
             )
-        if out.exists():
-            raise AutoquantError(f"{out} already exists; remove it or choose another path")
+        if out.exists():  # saves converting for nothing; the final claim is what guarantees it
+            raise _taken(out)
         destination = out
     else:
         destination = (cache_root or cache_dir() / "gguf") / f"{identity}-{qtype}.gguf"
         if destination.exists():
             try:
                 summary = _checked_summary(destination, len(source), qtype)
+                _check_reusable(destination, summary)
             except CacheCorruptError as exc:
                 _log.warning("%s; rebuilding it", exc)
                 rebuilt = True
@@ -202,6 +220,8 @@ def convert_denoiser(
     _check_keys_match(component_dir, scan, source)
     plan = _plan_types(source, scan.quantizable_weights, qtype)
     metadata = {
+        # First of the file's own keys, so that its place lies in the header's first bytes.
+        _KEY_DIGEST: _DIGEST_PLACEHOLDER.decode(),
         _KEY_VERSION: autoquant.__version__,
         _KEY_QTYPE: qtype,
         _KEY_SOURCE: identity,
@@ -210,9 +230,10 @@ def convert_denoiser(
     def write(path: Path) -> None:
         _write_gguf(path, plan, scan.class_name, metadata, f"GGUF {qtype} {subfolder}", progress)
         # Checked before it takes its final name, so a bad write never becomes a cache entry.
-        _checked_summary(path, len(plan), qtype)
+        _seal(path, _checked_summary(path, len(plan), qtype))
 
-    _write_atomically(destination, write)
+    data_bytes = sum(planned.nbytes for planned in plan)
+    _write_atomically(destination, write, replace=out is None, data_bytes=data_bytes)
     quantized = sum(1 for planned in plan if planned.quantized)
     return ConvertResult(
         path=destination,
@@ -227,8 +248,75 @@ def convert_denoiser(
 
 def check_gguf(path: Path, expected_tensors: int | None = None) -> None:
     """Raise CacheCorruptError unless ``path`` is a complete GGUF file (header parses, data ends
-    where the file ends) holding ``expected_tensors`` tensors when that is given."""
-    _checked_summary(path, expected_tensors)
+    where the file ends, and the checksum matches in a file autoquant wrote) holding
+    ``expected_tensors`` tensors when that is given."""
+    summary = _checked_summary(path, expected_tensors)
+    if summary.digest is not None:
+        _check_digest(path, summary)
+
+
+def _taken(out: Path) -> AutoquantError:
+    return AutoquantError(f"{out} already exists: pick another --out (it is never overwritten)")
+
+
+def _check_reusable(path: Path, summary: _GgufSummary) -> None:
+    """Raise CacheCorruptError unless this version of autoquant wrote ``path`` and no byte of it
+    changed since. The version first: it costs nothing, the checksum reads the whole file."""
+    if summary.version != autoquant.__version__:
+        raise CacheCorruptError(
+            f"{path} was written by autoquant {summary.version}, not {autoquant.__version__}"
+        )
+    _check_digest(path, summary)
+
+
+def _check_digest(path: Path, summary: _GgufSummary) -> None:
+    if summary.digest is None:
+        raise CacheCorruptError(f"{path} has no {_KEY_DIGEST} checksum")
+    if _digest(path, summary.digest_offset) != summary.digest:
+        raise CacheCorruptError(f"{path} does not match its checksum: its bytes changed")
+
+
+def _seal(path: Path, summary: _GgufSummary) -> None:
+    """Write the checksum of the finished file into its place in the header."""
+    digest = _digest(path, summary.digest_offset)
+    with open(path, "rb+") as handle:
+        handle.seek(summary.digest_offset)
+        handle.write(digest.encode())
+
+
+def _digest(path: Path, digest_offset: int) -> str:
+    """The file's checksum (see _DIGEST_SEGMENT), its own 64 characters (at ``digest_offset``)
+    read as the placeholder they were when it was computed.
+
+    Cost: one read of the file, hashed on encode_threads() threads at once (reads and hashlib
+    release the GIL): sha256 runs at about 1 GB/s per core with the SHA instructions of current
+    x86 and ARM CPUs, so a 12 GB file takes seconds from the page cache; from disk the read
+    dominates, and it fills the page cache for the pipeline, which loads the file right after.
+    """
+    size = path.stat().st_size
+    hole = range(digest_offset, digest_offset + len(_DIGEST_PLACEHOLDER))
+
+    def segment(start: int) -> bytes:
+        hasher = hashlib.sha256()
+        chunk = memoryview(bytearray(_DIGEST_READ))
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(start)
+            position, end = start, min(start + _DIGEST_SEGMENT, size)
+            while position < end:
+                count = handle.readinto(chunk[: min(_DIGEST_READ, end - position)])
+                if not count:
+                    break  # the file shrank meanwhile: the digest will not match
+                low, high = max(hole.start, position), min(hole.stop, position + count)
+                if low < high:
+                    placeholder = _DIGEST_PLACEHOLDER[low - hole.start : high - hole.start]
+                    chunk[low - position : high - position] = placeholder
+                hasher.update(chunk[:count])
+                position += count
+        return hasher.digest()
+
+    with ThreadPoolExecutor(encode_threads()) as pool:
+        segments = pool.map(segment, range(0, size, _DIGEST_SEGMENT))
+        return hashlib.sha256(b"".join(segments)).hexdigest()
 
 
 def _checked_summary(
@@ -252,8 +340,9 @@ def _read_summary(path: Path) -> _GgufSummary:
     file_bytes = path.stat().st_size
     try:
         reader = gguf.GGUFReader(path)
-        qtype_field = reader.get_field(_KEY_QTYPE)
-        qtype = qtype_field.contents() if qtype_field is not None else None
+        qtype, _ = _string_field(reader, _KEY_QTYPE)
+        version, _ = _string_field(reader, _KEY_VERSION)
+        digest, digest_offset = _string_field(reader, _KEY_DIGEST)
     # Damaged bytes surface as whatever numpy or the parser trips over (ValueError, KeyError,
     # IndexError, UnicodeDecodeError, ...); all mean the same thing here.
     except Exception as exc:
@@ -270,7 +359,16 @@ def _read_summary(path: Path) -> _GgufSummary:
             f"{path} is {file_bytes} bytes but its header describes {data_end} bytes of data"
         )
     quantized = sum(1 for t in reader.tensors if not _is_float_type(t.tensor_type))
-    return _GgufSummary(len(reader.tensors), quantized, qtype)
+    return _GgufSummary(len(reader.tensors), quantized, qtype, version, digest, digest_offset)
+
+
+def _string_field(reader: Any, key: str) -> tuple[str | None, int]:
+    """A string of the header and where its characters start in the file (None, -1: absent)."""
+    field = reader.get_field(key)
+    if field is None:
+        return None, -1
+    value = field.data[0]  # the parts: key length, key, value type, value length, value
+    return str(field.contents()), field.offset + sum(part.nbytes for part in field.parts[:value])
 
 
 def _weight_shards(component_dir: Path) -> list[Path]:
@@ -487,23 +585,32 @@ def _is_float_type(ggml_type: Any) -> bool:
     return ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def _write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``destination``, then rename it into place.
-
-    fsutil.atomic_file hands out an open handle; GGUFWriter insists on opening the path itself.
-    """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
-    os.close(fd)
-    temp_path = Path(temp_name)
+def _write_atomically(
+    destination: Path, write: Callable[[Path], None], *, replace: bool, data_bytes: int
+) -> None:
+    """Let ``write`` fill a temporary file that then becomes ``destination``: a cache entry is
+    replaced, a file the user named (not ``replace``) never is. A full disk is one line, and
+    the temporary file is removed."""
     try:
-        write(temp_path)
-        with open(temp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp_path, destination)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp_path.unlink()
-        raise
+        with atomic_path(destination, overwrite=replace) as temp:
+            write(temp)
+    except FileExistsError as exc:
+        raise _taken(destination) from exc
+    except OSError as exc:
+        # numpy's tofile, which writes the tensors, reports a short write without its errno
+        # ("N requested and M written"). The temporary file is gone by now: the disk is full if
+        # the whole file does not fit in what is free.
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or (
+            exc.errno is None and shutil.disk_usage(destination.parent).free < data_bytes
+        )
+        if not full:
+            raise
+        elsewhere = (
+            "set AUTOQUANT_CACHE_DIR to a folder on a disk with room"
+            if replace
+            else "pick an --out on a disk with room"
+        )
+        raise AutoquantError(
+            f"no space left on device writing {destination}: free {format_bytes(data_bytes)} "
+            f"there or {elsewhere}"
+        ) from exc

@@ -1,0 +1,81 @@
+"""The checks a command's input gets before any heavy import or work: the settings load, the
+model's JSON parses, the output and cache folders can be written. Each raises an AutoquantError
+(one line, exit 2), so a bad input is reported in well under a second, and nothing is written.
+
+Argument syntax and ranges are checked earlier, by the argument types in cli/args.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from autoquant.cli.args import options_from_args
+from autoquant.core.errors import AutoquantError
+from autoquant.core.paths import cache_dir
+from autoquant.execute.tuning import settings_for
+from autoquant.models import resolve
+from autoquant.models.inventory import pipeline_layout
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why files cannot be written in the folder ``path`` (created on demand), or None: its
+    nearest existing part (``path`` itself, or an ancestor) is not a folder, or is not writable
+    (permissions, a read-only filesystem). Looks only; creates nothing."""
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Profiles, --set and --backend/--precision load and validate (planner/rules.py)."""
+    settings_for(options_from_args(args))
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """The model resolves, and a folder's model_index.json and component configs parse."""
+    pipeline_layout(resolve(args.model))
+
+
+def check_out(args: argparse.Namespace) -> None:
+    problem = folder_problem(args.out)
+    if problem:
+        raise AutoquantError(
+            f"--out {args.out}: {problem}: pick a folder autoquant can write "
+            "(image.png, report.json and report.md go there)"
+        )
+
+
+def check_cache(_args: argparse.Namespace) -> None:
+    path = cache_dir()
+    problem = folder_problem(path)
+    if problem:
+        raise AutoquantError(
+            f"cache folder {path} is unusable ({problem}): set AUTOQUANT_CACHE_DIR to a "
+            "writable folder"
+        )
+
+
+Check = Callable[[argparse.Namespace], None]
+# What each command reads or writes before its heavy work starts; commands not listed need none.
+# The model comes last: a hub id may wait up to HUB_CONNECT_TIMEOUT_S for the network.
+CHECKS: dict[str, tuple[Check, ...]] = {
+    "plan": (check_settings, check_cache, check_model),
+    "run": (check_settings, check_out, check_cache, check_model),
+    "serve": (check_settings, check_cache, check_model),
+    "convert": (check_model,),
+    "cache": (check_cache,),
+}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check of ``args.command``, in order; the first failure raises."""
+    for check in CHECKS.get(args.command, ()):
+        check(args)
