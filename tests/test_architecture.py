@@ -162,3 +162,23 @@ def test_no_module_imports_a_layer_above_its_own(module: str) -> None:
         if LAYERS[other] > LAYERS[own] or (LAYERS[other] == LAYERS[own] != TOOLS):
             bad.append(imported)
     assert not bad, f"{module} ({own}, layer {LAYERS[own]}) imports {bad}"
+
+
+def test_the_command_line_needs_no_optional_extra() -> None:
+    """`autoquant --help`, `plan`, `run`, … build their parser (serve's and bench's included)
+    without the serve extra or any quantization backend installed."""
+    import subprocess
+    import sys
+
+    blocked = ("pydantic", "fastapi", "uvicorn", "httpx", "bitsandbytes", "optimum", "torchao")
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # import fails as if not installed\n"
+        "from autoquant.cli.main import build_parser\n"
+        "build_parser().parse_args(['plan', '--help'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "usage: autoquant plan" in done.stdout

@@ -102,8 +102,6 @@ class Result:
                 "peak_scope": "allocator" if in_allocator else "process resident set",
                 "smoke_step_seconds": attempt.step_seconds,
                 "smoke_seconds": attempt.smoke_seconds,
-                # The smoke test's step again, under the name serve/worker.py's summary reads.
-                "step_seconds": attempt.step_seconds,
             },
             "estimate": {
                 "peak_bytes": allocator_peak if in_allocator else estimate.required_bytes,

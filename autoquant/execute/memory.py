@@ -12,14 +12,13 @@ _CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of m
 
 
 def is_oom(err: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA/XPU/MPS), or the CPU allocator's failure."""
+    """torch.OutOfMemoryError (CUDA/XPU/MPS), the CPU allocator's failure, or any MemoryError
+    (numpy's "Unable to allocate …", or a bare one: seen under RLIMIT_AS in tests/test_serve.py)."""
     import torch
 
-    if isinstance(err, torch.OutOfMemoryError):
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(err, (RuntimeError, MemoryError)) and any(
-        m in str(err).lower() for m in _CPU_OOM_MARKERS
-    )
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _CPU_OOM_MARKERS)
 
 
 def _on_cuda(device: str) -> bool:

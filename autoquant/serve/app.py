@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import math
-import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -24,9 +25,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.serve import metrics as metrics_text
-from autoquant.serve.schema import MAX_SEED, GenerateRequest, SizeLimits, request_model, resolve
+from autoquant.serve.metrics import Metrics
+from autoquant.serve.report import redact_paths
+from autoquant.serve.schema import (
+    MAX_BODY_BYTES,
+    MAX_SEED,
+    GenerateRequest,
+    SizeLimits,
+    request_model,
+    resolve,
+)
 from autoquant.serve.worker import (
     READY,
+    AbortedError,
     NotAcceptingError,
     QueueFullError,
     Worker,
@@ -37,30 +48,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("autoquant.serve")
 
-# An absolute filesystem path inside a string (not the tail of a URL or of "fp16/bf16").
-_PATH = re.compile(r"(?<![\w:/.])/(?:[\w.@+-]+/)*[\w.@+-]+")
+# Not an HTTP status of the standard: nginx's "client closed request", which is what /metrics
+# counts for a request whose client left before its answer (nobody receives the answer).
+CLIENT_CLOSED_REQUEST = 499
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "n = 1: the PNG (seed in the X-Seed header); n > 1: JSON with base64 PNGs",
         "content": {"image/png": {}, "application/json": {}},
     },
-    422: {"description": "a field is invalid; `errors` names it"},
-    503: {"description": "tuning, draining or the queue is full: retry after Retry-After s"},
+    413: {"description": "the body is too large, or the request needs more memory than here"},
+    422: {
+        "description": "a field is invalid (`errors` names it), or the request would take "
+        "longer than --max-request-seconds"
+    },
+    503: {
+        "description": "tuning, draining, aborted, or the queue is full: retry after Retry-After s"
+    },
     507: {"description": "does not fit in memory even on the last tier"},
 }
-
-
-def redact_paths(value: Any) -> Any:
-    """``value`` with absolute filesystem paths in its strings replaced: responses never show
-    where the server keeps its files."""
-    if isinstance(value, str):
-        return _PATH.sub("<path>", value)
-    if isinstance(value, dict):
-        return {key: redact_paths(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [redact_paths(item) for item in value]
-    return value
 
 
 def _png(image: Image) -> bytes:
@@ -84,16 +96,127 @@ def _unavailable(reason: str, retry_after: int) -> JSONResponse:
     )
 
 
+class GenerateGate:
+    """ASGI middleware in front of `POST /generate`: a body over ``max_body`` bytes is refused
+    with 413 before anything reads it whole or parses it, and every answer is counted by the
+    status it really had (one the app never sent, because it raised, counts as 500)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/generate":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            body = await self._body(scope, receive)
+            if body is None:
+                await _too_large(self.max_body, counted)
+                return
+            await self.app(scope, _replay(body, receive), counted)
+        finally:
+            self.metrics.request_finished(status, time.perf_counter() - started)
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None once it is over the limit (by its Content-Length, or
+        counted as it arrives when it is chunked)."""
+        for name, value in scope["headers"]:
+            if name == b"content-length" and int(value) > self.max_body:
+                return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` with the body read already handed out first, then the client's own
+    messages (so the app still hears when the client disconnects)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    payload = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            # The rest of the body is never read: the connection cannot carry another request.
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (uvicorn answers http.disconnect once it has)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer_or_gone(
+    future: Future[list[Image]], receive: Receive
+) -> asyncio.Future[list[Image]] | None:
+    """``future`` as an asyncio future once it is done, or None if the client left first."""
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _pending = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer in done:
+        return answer
+    answer.cancel()  # cancels the request's future too while it is still queued
+    return None
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, which on SIGTERM/SIGINT stops accepting connections, waits for the
     open requests (the queued ones among them) and then runs the lifespan shutdown. The worker
-    is told first, so a request that arrives before the socket closes gets a 503."""
+    is told first, so a request that arrives before the socket closes gets a 503.
+
+    A second signal aborts the drain: the worker answers what is queued with 503 and stops
+    the running call at its next step; uvicorn then finishes as after a drain (its own answer
+    to a second Ctrl-C, a forced exit, would leave the worker thread running torch code while
+    the interpreter shuts down, and every queued request unanswered)."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
         super().__init__(config)
         self._worker = worker
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self._worker.abort(sig)
+            return
         self._worker.stop_accepting()
         super().handle_exit(sig, frame)
 
@@ -134,34 +257,35 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
         logger.error("internal error %s", error_id, exc_info=exc)
         return JSONResponse({"detail": "internal error", "error_id": error_id}, status_code=500)
 
-    @app.middleware("http")
-    async def count_generate(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path != "/generate":
-            return await call_next(request)
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.request_finished(status, time.perf_counter() - started)
+    app.add_middleware(GenerateGate, metrics=metrics)
 
-    async def generate(body: GenerateRequest) -> Response:
+    async def generate(body: GenerateRequest, request: Request) -> Response:
         if worker.state != READY:
             return _unavailable(f"not ready: {worker.state}", retry_after())
         width, height = worker.default_size
         generation = resolve(body, width, height, seed=secrets.randbelow(MAX_SEED + 1))
+        refusal = worker.refusal(generation)
+        if refusal is not None:
+            errors = [{"field": "body", "message": refusal.detail}]
+            return JSONResponse(
+                {"detail": refusal.detail, "errors": errors}, status_code=refusal.status
+            )
         try:
             future = worker.submit(generation)
         except QueueFullError:
             return _unavailable("queue full", retry_after())
         except NotAcceptingError as err:
             return _unavailable(f"not ready: {err.state}", retry_after())
+        answer = await _answer_or_gone(future, request.receive)
+        if answer is None:
+            worker.cancel(future)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         try:
-            images = await asyncio.wrap_future(future)
+            images = answer.result()
+        except AbortedError:
+            return _unavailable("aborted: the server is shutting down", retry_after())
+        except NotAcceptingError as err:  # the worker stopped before it ran this request
+            return _unavailable(f"not ready: {err.state}", retry_after())
         except AutoquantError as err:  # out of memory on the last tier: the request is too big
             return JSONResponse({"detail": redact_paths(str(err))}, status_code=507)
         headers = {"X-Seed": str(generation.seed)}
@@ -203,7 +327,7 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
     async def report() -> JSONResponse:
         if worker.report is None:
             return _unavailable(f"not ready: {worker.state}", retry_after())
-        return JSONResponse(redact_paths(worker.report))
+        return JSONResponse(worker.report)  # its paths are replaced already (serve/report.py)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> PlainTextResponse:

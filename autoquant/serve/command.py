@@ -9,31 +9,50 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import signal
+import socket
+from collections.abc import Callable
 from typing import Any
 
-from autoquant.cli.args import add_tuning_arguments, positive_int, tuning_options
-from autoquant.core.errors import AutoquantError
+from autoquant.cli.args import add_tuning_arguments, tuning_options
+from autoquant.core.errors import AutoquantError, error_line
 from autoquant.core.units import parse_size
+from autoquant.serve.admission import DEFAULT_MAX_REQUEST_SECONDS
 
 logger = logging.getLogger("autoquant.serve")
 
+# Bounds of the serving flags, so that a typo is a usage error rather than a server that
+# misbehaves later (an infinite batch window killed the worker thread; NaN made it spin).
+MAX_BATCH_IMAGES = 64
+MAX_QUEUE_SIZE = 1024
+MAX_BATCH_WINDOW_MS = 10_000.0
+SIDE_RANGE = (8, 8192)  # the latent grid is 1/8 of the image
+MAX_REQUEST_SECONDS_RANGE = (1.0, 86_400.0)
 
-def _side(text: str) -> int:
-    side = positive_int(text)
-    if side % 8:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 8")
-    return side
+
+def _integer(low: int, high: int, *, multiple: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text) if text.isascii() and text.isdigit() else None
+        if value is None or not low <= value <= high or value % multiple:
+            what = f"a multiple of {multiple} " if multiple > 1 else "an integer "
+            raise argparse.ArgumentTypeError(f"{text!r} must be {what}from {low} to {high}")
+        return value
+
+    return parse
 
 
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of milliseconds, 0 or more")
-    return value
+def _number(low: float, high: float, unit: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"{text!r} must be {unit} from {low:g} to {high:g}")
+        return value
+
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,27 +63,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     serving = p.add_argument_group("serving")
     serving.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
-    serving.add_argument("--port", type=int, default=8000, help="port (%(default)s)")
     serving.add_argument(
-        "--max-batch",
-        type=positive_int,
-        default=8,
-        help="images per pipeline call at most; free memory may allow fewer; 1 turns batching "
-        "off (%(default)s)",
+        "--port", type=_integer(1, 65535), default=8000, help="port, 1-65535 (%(default)s)"
     )
     serving.add_argument(
-        "--queue-size", type=positive_int, default=32, help="requests waiting at most (%(default)s)"
+        "--max-batch",
+        type=_integer(1, MAX_BATCH_IMAGES),
+        default=8,
+        help="images per pipeline call at most; free memory may allow fewer; 1 turns batching "
+        f"off; up to {MAX_BATCH_IMAGES} (%(default)s)",
+    )
+    serving.add_argument(
+        "--queue-size",
+        type=_integer(1, MAX_QUEUE_SIZE),
+        default=32,
+        help=f"requests waiting at most, up to {MAX_QUEUE_SIZE} (%(default)s)",
     )
     serving.add_argument(
         "--batch-window-ms",
-        type=_milliseconds,
+        type=_number(0, MAX_BATCH_WINDOW_MS, "milliseconds"),
         default=20.0,
-        help="how long the oldest request waits for others to join its batch (%(default)s)",
+        help="how long the oldest request waits for others to join its batch, 0-"
+        f"{MAX_BATCH_WINDOW_MS:g} (%(default)s)",
     )
+    side = _integer(*SIDE_RANGE, multiple=8)
     for flag, default, which in (("--min-side", 64, "smallest"), ("--max-side", 2048, "largest")):
         serving.add_argument(
-            flag, type=_side, default=default, help=f"{which} width/height (%(default)s)"
+            flag,
+            type=side,
+            default=default,
+            help=f"{which} width/height, a multiple of 8 up to {SIDE_RANGE[1]} (%(default)s)",
         )
+    serving.add_argument(
+        "--max-request-seconds",
+        type=_number(*MAX_REQUEST_SECONDS_RANGE, "seconds"),
+        default=DEFAULT_MAX_REQUEST_SECONDS,
+        help="refuse (422) a request predicted to take longer, from the tuned pipeline's "
+        "measured step time scaled by its pixels, steps and images (%(default)s)",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -89,13 +125,40 @@ def _tune_options(args: argparse.Namespace) -> Any:
     return tuning_options(args, progress=False)
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    if args.min_side > args.max_side:
+        raise AutoquantError(f"--min-side {args.min_side} is above --max-side {args.max_side}")
+    if args.size and not all(args.min_side <= side <= args.max_side for side in args.size):
+        raise AutoquantError(
+            f"--size {args.size[0]}x{args.size[1]} is outside --min-side {args.min_side} .. "
+            f"--max-side {args.max_side}"
+        )
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail now, in one line, where the server could not listen (uvicorn binds only once the
+    app has started, and its error would come after tuning)."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:  # socket.gaierror too: a host name that does not resolve
+        raise AutoquantError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean drain. A tuning failure stops the server and
-    is raised here (an AutoquantError is the CLI's one-line error)."""
-    # Reject bad profiles, backends and models before the server binds (cheap: no weights).
+    """Serve until SIGTERM/SIGINT. Returns 0 after a clean drain, 128 + the signal's number
+    when a second signal aborted the drain, 1 when the worker thread died. A tuning failure
+    stops the server and is raised here (an AutoquantError is the CLI's one-line error)."""
+    # Reject bad flags, profiles, backends and models before the server binds (no weights).
     from autoquant import models
     from autoquant.execute.tuning import settings_for
 
+    _check_sizes(args)
+    _check_listen(args.host, args.port)
     settings_for(_tune_options(args))
     models.resolve(args.model)
     import uvicorn
@@ -106,8 +169,6 @@ def run(args: argparse.Namespace) -> int:
     from autoquant.serve.schema import SizeLimits
     from autoquant.serve.worker import Worker, WorkerSettings
 
-    if args.min_side > args.max_side:
-        raise AutoquantError(f"--min-side {args.min_side} is above --max-side {args.max_side}")
     # uvicorn's lines and ours at INFO, in one format; other libraries only warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(message)s")
     for name in ("autoquant", "uvicorn"):
@@ -120,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         batch_window=args.batch_window_ms / 1000,
         vram_limit_bytes=parse_size(args.vram_limit) if args.vram_limit else None,
+        max_request_seconds=args.max_request_seconds,
     )
 
     def stop_on_failure(_err: BaseException) -> None:
@@ -132,13 +194,27 @@ def run(args: argparse.Namespace) -> int:
     )
     server = DrainingServer(config, worker)
     # uvicorn re-raises the signal it stopped for once it is done, with the handler that was
-    # there before; a no-op one makes a drained SIGTERM end in exit 0 rather than death by it.
-    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
+    # there before; no-op ones make a drain end in the exit status chosen below rather than in
+    # death by SIGTERM or a KeyboardInterrupt.
+    stopping = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda _sig, _frame: None) for sig in stopping}
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if worker.error is not None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if worker.error is not None and worker.failed_in_tuning:
         raise worker.error
+    if worker.error is not None:
+        logger.error("stopped: the worker thread died (%s)", error_line(worker.error))
+        return 1
+    if worker.aborted_by is not None:
+        name = signal.Signals(worker.aborted_by).name
+        logger.warning(
+            "aborted the drain on a second signal (%s): %d queued request(s) answered 503 unrun",
+            name,
+            worker.aborted_requests,
+        )
+        return 128 + worker.aborted_by
     logger.info("drained and stopped")
     return 0

@@ -32,6 +32,8 @@ class Metrics:
         self._images = 0
         self._ooms_recovered = 0
         self._batch_splits = 0
+        self._cancelled: Counter[str] = Counter()  # by where the request was: queued, running
+        self._stopped_calls = 0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._latency_sum = 0.0
         self._latency_count = 0
@@ -57,6 +59,14 @@ class Metrics:
         with self._lock:
             self._batch_splits += 1
 
+    def cancelled(self, stage: str) -> None:
+        with self._lock:
+            self._cancelled[stage] += 1
+
+    def call_stopped(self) -> None:
+        with self._lock:
+            self._stopped_calls += 1
+
     def median_latency(self) -> float:
         with self._lock:
             return percentile(list(self._latencies), 0.5)
@@ -67,7 +77,11 @@ class Metrics:
         with self._lock:
             lines: list[str] = []
             add = _Writer(lines)
-            add.header("autoquant_requests_total", "counter", "POST /generate answers by status")
+            add.header(
+                "autoquant_requests_total",
+                "counter",
+                "POST /generate answers by status (499: the client left before the answer)",
+            )
             for status in sorted(self._requests):
                 add.sample("autoquant_requests_total", self._requests[status], status=str(status))
             batches = sum(self._batch_sizes.values())
@@ -90,6 +104,19 @@ class Metrics:
                 "autoquant_batch_splits_total", "counter", "batches halved after out of memory"
             )
             add.sample("autoquant_batch_splits_total", self._batch_splits)
+            add.header(
+                "autoquant_cancelled_total",
+                "counter",
+                "requests whose client left, by where they were (queued: dropped unrun)",
+            )
+            for stage in sorted(self._cancelled):
+                add.sample("autoquant_cancelled_total", self._cancelled[stage], stage=stage)
+            add.header(
+                "autoquant_stopped_calls_total",
+                "counter",
+                "pipeline calls stopped at a step: every client left, or the drain was aborted",
+            )
+            add.sample("autoquant_stopped_calls_total", self._stopped_calls)
             add.header(
                 "autoquant_request_latency_seconds",
                 "summary",

@@ -11,6 +11,11 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_IMAGES = 8
 MAX_SEED = 2**63 - 1
+DEFAULT_STEPS = 20
+# Room for both prompts at their limit written with up to 6 bytes a character (any character in
+# UTF-8, or a \uXXXX escape as json.dumps writes non-ASCII by default), plus the other fields.
+# A longer body is refused before it is parsed.
+MAX_BODY_BYTES = 2 * MAX_PROMPT_CHARS * 6 + 1024
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class GenerateRequest(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
-    steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images for this prompt")

@@ -6,12 +6,16 @@ memory free right now (measured per batch from the smoke test's per-image peak).
 runs out of memory anyway is halved and retried; a single request that still does not fit goes
 through :func:`autoquant.execute.recover.generate`, which turns on memory remedies and moves
 down the tier ladder.
+
+A request is bounded before it is queued (serve/admission.py) and stopped once nobody waits for
+it: a queued one whose client left is dropped, and a running call whose clients all left (or
+whose drain a second signal aborted) stops at its next denoising step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -24,8 +28,10 @@ from autoquant.core.errors import error_line
 from autoquant.core.units import format_bytes
 from autoquant.execute import memory
 from autoquant.execute.tuning import TuneOptions, tune
+from autoquant.serve.admission import DEFAULT_MAX_REQUEST_SECONDS, Admission, Refusal
 from autoquant.serve.metrics import Metrics
-from autoquant.serve.schema import Generation
+from autoquant.serve.report import json_ready, private_locations, public_report
+from autoquant.serve.schema import DEFAULT_STEPS, Generation
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -47,6 +53,17 @@ class WorkerSettings:
     queue_size: int = 32  # requests waiting (not yet running), at most
     batch_window: float = 0.02  # seconds the oldest request waits for others to join it
     vram_limit_bytes: int | None = None  # --vram-limit: the memory this process may use
+    max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS  # predicted work per request
+
+    def __post_init__(self) -> None:
+        # The CLI bounds each flag; this catches a caller building settings itself (an infinite
+        # window overflows Condition.wait and kills the thread, NaN never expires).
+        if self.max_batch < 1 or self.queue_size < 1:
+            raise ValueError("max_batch and queue_size must be 1 or more")
+        for name in ("batch_window", "max_request_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds, 0 or more")
 
 
 class QueueFullError(Exception):
@@ -54,17 +71,27 @@ class QueueFullError(Exception):
 
 
 class NotAcceptingError(Exception):
-    """The worker is tuning, draining or stopped; ``state`` says which."""
+    """The worker is tuning, draining, stopped or failed; ``state`` says which."""
 
     def __init__(self, state: str) -> None:
         super().__init__(state)
         self.state = state
 
 
+class AbortedError(Exception):
+    """A second signal aborted the drain before this request was answered."""
+
+
+class CallStopped(Exception):
+    """Raised at a denoising step to stop a call nobody waits for any more; the message says
+    at which step and why."""
+
+
 @dataclass
 class Job:
     generation: Generation
     future: Future[list[Image]] = field(default_factory=Future)
+    cancelled: bool = False  # its client left while it ran; set by the event loop's thread
 
     @property
     def image_count(self) -> int:
@@ -111,12 +138,15 @@ def run_halving(
     except Exception as err:
         if not memory.is_oom(err):
             raise
+        failure = error_line(err)
     # Outside the except block: its traceback would keep the failed call's tensors alive.
     memory.free(device)
     metrics.oom_recovered()
     metrics.batch_split()
     half = len(jobs) // 2
-    logger.warning("out of memory with %d requests in one call: splitting in halves", len(jobs))
+    logger.warning(
+        "out of memory with %d requests in one call (%s): splitting in halves", len(jobs), failure
+    )
     return run_halving(jobs[:half], run_batch, run_single, device, metrics) + run_halving(
         jobs[half:], run_batch, run_single, device, metrics
     )
@@ -172,17 +202,22 @@ class Worker:
         self.settings = settings
         self.metrics = metrics
         self.error: BaseException | None = None
+        self.failed_in_tuning = False
         self.report: dict[str, Any] | None = None  # a snapshot; the worker owns the Result
+        self.admission: Admission | None = None  # replaced whole, never changed in place
         self.default_size: tuple[int, int] = (0, 0)
         self.last_limit = 0  # images per call allowed for the latest batch
+        self.aborted_by: int | None = None  # the signal that aborted the drain
+        self.aborted_requests = 0  # queued requests that abort answered unrun
         self._options = options
         self._on_failure = on_failure
         self._result: Result | None = None
         self._bytes_per_pixel = 0.0
+        self._step: tuple[float, tuple[int, int]] = (0.0, (1, 1))  # seconds a step, at a size
         self._state = TUNING
         self._closed = False
         self._jobs: deque[Job] = deque()
-        self._running = 0
+        self._current: list[Job] = []  # the running batch
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._main, name="autoquant-worker", daemon=True)
 
@@ -198,10 +233,15 @@ class Worker:
 
     def running(self) -> int:
         with self._cond:
-            return self._running
+            return len(self._current)
 
     def start(self) -> None:
         self._thread.start()
+
+    def refusal(self, generation: Generation) -> Refusal | None:
+        """Why ``generation`` cannot be served here (too much memory or time), or None."""
+        admission = self.admission
+        return admission.refusal(generation) if admission is not None else None
 
     def submit(self, generation: Generation) -> Future[list[Image]]:
         with self._cond:
@@ -214,6 +254,20 @@ class Worker:
             self._cond.notify_all()
         return job.future
 
+    def cancel(self, future: Future[list[Image]]) -> None:
+        """The client of ``future``'s request left: drop it from the queue, or mark it so that
+        its call stops at the next step once none of the call's requests has a client."""
+        with self._cond:
+            for job in self._jobs:
+                if job.future is future:
+                    self._jobs.remove(job)
+                    self.metrics.cancelled("queued")
+                    return
+            for job in self._current:
+                if job.future is future and not job.cancelled:
+                    job.cancelled = True
+                    self.metrics.cancelled("running")
+
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; queued ones still run. Safe from a signal handler
         on the event loop's thread: the condition's lock is reentrant, so interrupting submit()
@@ -223,8 +277,19 @@ class Worker:
                 self._state = DRAINING
             self._cond.notify_all()
 
+    def abort(self, sig: int) -> None:
+        """Give up the drain (a second signal): the running call stops at its next step and
+        every request still waiting is answered unrun. Only flags it, like stop_accepting(),
+        so it is as safe from a signal handler; the worker thread answers the requests."""
+        with self._cond:
+            if self.aborted_by is None:
+                self.aborted_by = sig
+            if self._state in (TUNING, READY):
+                self._state = DRAINING
+            self._cond.notify_all()
+
     def close(self) -> None:
-        """Finish the queue, then stop the thread and wait for it."""
+        """Finish the queue (unless aborted), then stop the thread and wait for it."""
         self.stop_accepting()
         with self._cond:
             self._closed = True
@@ -239,26 +304,45 @@ class Worker:
             self._tune()
         except BaseException as err:  # reported to the server, which exits with it
             logger.error("tuning failed: %s", error_line(err))
-            self.error = err
-            with self._cond:
-                self._state = FAILED
-            self._on_failure(err)
+            self.failed_in_tuning = True
+            self._fail(err)
             return
-        while (batch := self._next_batch()) is not None:
-            self._serve(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._serve(batch)
+        except BaseException as err:  # a bug: nothing would answer the queue any more
+            logger.error("the worker thread stopped: %s", error_line(err), exc_info=err)
+            self._fail(err)
+            return
         with self._cond:
             self._state = STOPPED
+
+    def _fail(self, err: BaseException) -> None:
+        """Stop for good: every request still waiting is answered 503, and the server is told
+        (it exits non-zero)."""
+        self.error = err
+        with self._cond:
+            self._state = FAILED
+            waiting = [*self._current, *self._jobs]
+            self._jobs.clear()
+        for job in waiting:
+            _settle(job, error=NotAcceptingError(FAILED))
+        self._on_failure(err)
 
     def _tune(self) -> None:
         started = time.perf_counter()
         result = tune(self._options, log=lambda line: logger.info(line.strip()))
         _quiet(result.pipeline)
         self._result = result
-        self.report = json_ready(result.report())
         request = result.plan.request
         self.default_size = (request.width, request.height)
         self._bytes_per_pixel = self._measured_bytes_per_pixel(result)
-        logger.info(summary(self.report, time.perf_counter() - started))
+        # Like the per-image peak, the step time is the tuning smoke test's and is kept after a
+        # tier change: the smoke test of a tier that recovery moves to runs at a size the Result
+        # does not record.
+        self._step = (result.attempts[-1].step_seconds or 0.0, self._smoke_size(result))
+        self._snapshot(result)
+        logger.info(summary(json_ready(result.report()), time.perf_counter() - started))
         free = available_bytes(result.plan.device, self.settings.vram_limit_bytes)
         fit = images_that_fit(
             free, self._bytes_per_pixel * request.width * request.height, self.settings.max_batch
@@ -272,18 +356,42 @@ class Worker:
             format_bytes(free),
             format_bytes(self._bytes_per_pixel * request.width * request.height),
         )
+        default = Generation(
+            "", None, request.width, request.height, DEFAULT_STEPS, None, seed=0, n=1
+        )
+        refusal = self.refusal(default)
+        if refusal is not None:
+            logger.warning(
+                "a request with the default size and steps is refused: %s", refusal.detail
+            )
         with self._cond:
             if self._state == TUNING:
                 self._state = READY
 
+    def _smoke_size(self, result: Result) -> tuple[int, int]:
+        """The smoke test's size. It is not in the Result, so it is worked out from the
+        options the way tune() does."""
+        side = self._options.smoke_size
+        return (side or result.plan.request.width, side or result.plan.request.height)
+
+    def _snapshot(self, result: Result) -> None:
+        """The report /report serves and the bounds of a request, for ``result`` as it is now
+        (after a tier change too)."""
+        from autoquant import models
+
+        spec = self._options.model
+        local = models.resolve(spec).kind == "local"
+        report = json_ready(result.report())
+        private = private_locations(result, spec, local_model=local)
+        self.report = public_report(report, private, local_model=local)
+        self.admission = Admission.for_result(result, self._step, self.settings.max_request_seconds)
+
     def _measured_bytes_per_pixel(self, result: Result) -> float:
-        """The smoke test's peak above the weights, per image pixel. The smoke size is not in
-        the Result, so it is worked out from the options the way tune() does."""
+        """The smoke test's peak above the weights, per image pixel."""
         attempt = result.attempts[-1]
         if attempt.peak_bytes is None or attempt.weights_bytes is None:
             return 0.0
-        width = self._options.smoke_size or result.plan.request.width
-        height = self._options.smoke_size or result.plan.request.height
+        width, height = self._smoke_size(result)
         return max(0, attempt.peak_bytes - attempt.weights_bytes) / (width * height)
 
     def _images_allowed(self, generation: Generation) -> int:
@@ -292,7 +400,10 @@ class Worker:
         assert self._result is not None
         free = available_bytes(self._result.plan.device, self.settings.vram_limit_bytes)
         per_image = self._bytes_per_pixel * generation.width * generation.height
-        return images_that_fit(free, per_image, self.settings.max_batch)
+        fit = images_that_fit(free, per_image, self.settings.max_batch)
+        # Every request of a call waits for all of it: the call must finish in time too.
+        admission = self.admission
+        return admission.images_in_time(generation, fit) if admission is not None else fit
 
     def _matching(self, key: tuple[Any, ...], limit: int) -> tuple[list[Job], bool]:
         """Queued jobs with ``key``, oldest first, while their images fit ``limit`` (the oldest
@@ -309,24 +420,36 @@ class Worker:
         return batch, images >= limit
 
     def _next_batch(self) -> list[Job] | None:
+        """The next batch to run, or None once closed with an empty queue or aborted."""
         with self._cond:
-            while not self._jobs:
-                if self._closed:
-                    return None
+            while not self._jobs and not self._closed and self.aborted_by is None:
                 self._cond.wait()
-            head = self._jobs[0].generation
-            limit = self.last_limit = self._images_allowed(head)
-            deadline = time.monotonic() + self.settings.batch_window
-            while True:
-                batch, full = self._matching(head.batch_key, limit)
-                remaining = deadline - time.monotonic()
-                if full or remaining <= 0 or self._state != READY:
-                    break
-                self._cond.wait(remaining)
-            for job in batch:
-                self._jobs.remove(job)
-            self._running = len(batch)
-        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+            batch: list[Job] = []
+            if self._jobs and self.aborted_by is None:
+                head = self._jobs[0].generation
+                limit = self.last_limit = self._images_allowed(head)
+                deadline = time.monotonic() + self.settings.batch_window
+                while True:
+                    batch, full = self._matching(head.batch_key, limit)
+                    remaining = deadline - time.monotonic()
+                    if full or remaining <= 0 or self._state != READY:
+                        break
+                    self._cond.wait(remaining)
+            if self.aborted_by is not None:
+                unrun = list(self._jobs)
+                self._jobs.clear()
+            elif not batch:
+                return None
+            else:
+                for job in batch:
+                    self._jobs.remove(job)
+                self._current = batch
+                return [job for job in batch if job.future.set_running_or_notify_cancel()]
+        self.aborted_requests += len(unrun)
+        logger.warning("aborting the drain: %d queued request(s) answered unrun", len(unrun))
+        for job in unrun:
+            _settle(job, error=AbortedError())
+        return None
 
     def _serve(self, batch: list[Job]) -> None:
         if batch:
@@ -336,36 +459,94 @@ class Worker:
                 outputs = run_halving(batch, *run, self._result.plan.device, self.metrics)
             except Exception as err:  # the batch's requests get it (a 500, or 507 for OOM)
                 for job in batch:
-                    job.future.set_exception(err)
+                    _settle(job, error=err)
             else:
                 for job, images in zip(batch, outputs, strict=True):
-                    job.future.set_result(images)
+                    if images:
+                        _settle(job, images=images)
+                    else:  # stopped before it finished: its client left, or the abort
+                        _settle(job, error=AbortedError() if self.aborted_by else CallStopped())
         with self._cond:
-            self._running = 0
+            self._current = []
+
+    def _stop_reason(self, jobs: list[Job]) -> str | None:
+        if self.aborted_by is not None:
+            return "the drain was aborted"
+        if all(job.cancelled for job in jobs):
+            return "every client of the call left"
+        return None
+
+    def _unless_stopped(
+        self, jobs: list[Job], call: Callable[[Callable[..., Any]], list[list[Image]]]
+    ) -> list[list[Image]]:
+        """``call(on_step_end)``'s images per job; no images for any job when the call is not
+        worth running or was stopped at a step (``on_step_end`` raises CallStopped then)."""
+        if self._stop_reason(jobs) is not None:
+            return [[] for _ in jobs]
+        steps = jobs[0].generation.steps
+
+        def on_step_end(_pipe: Any, step: int, _timestep: Any, _tensors: Any) -> dict[str, Any]:
+            reason = self._stop_reason(jobs)
+            if reason is not None:
+                raise CallStopped(f"at step {step + 1}/{steps}: {reason}")
+            return {}
+
+        try:
+            return call(on_step_end)
+        except CallStopped as stop:
+            why = str(stop)
+        # Outside the except block: its traceback would keep the stopped call's tensors alive.
+        assert self._result is not None
+        memory.free(self._result.plan.device)
+        self.metrics.call_stopped()
+        logger.info("stopped a call of %d request(s) %s", len(jobs), why)
+        return [[] for _ in jobs]
 
     def _run_batch(self, jobs: list[Job]) -> list[list[Image]]:
         assert self._result is not None
         from autoquant.execute.build import pipeline_call_kwargs
 
-        pipe: Any = self._result.pipeline
-        call = pipeline_call_kwargs(self._result.inventory, pipe, **call_arguments(jobs))
-        output = pipe(**call)
-        self.metrics.batch_ran(len(jobs), sum(job.image_count for job in jobs))
-        return split_images(list(output.images), jobs)
+        result = self._result
+
+        def call(on_step_end: Callable[..., Any]) -> list[list[Image]]:
+            pipe: Any = result.pipeline
+            arguments = call_arguments(jobs) | {"callback_on_step_end": on_step_end}
+            output = pipe(**pipeline_call_kwargs(result.inventory, pipe, **arguments))
+            self.metrics.batch_ran(len(jobs), sum(job.image_count for job in jobs))
+            return split_images(list(output.images), jobs)
+
+        return self._unless_stopped(jobs, call)
 
     def _run_single(self, job: Job) -> list[Image]:
         assert self._result is not None
         from autoquant.execute.recover import generate
 
         result = self._result
-        changes = len(result.adjustments)
-        output = generate(result, _log_adjustment, **call_arguments([job]))
-        if len(result.adjustments) > changes:  # remedies or a tier change: record and re-snapshot
-            self.metrics.oom_recovered(len(result.adjustments) - changes)
-            _quiet(result.pipeline)
-            self.report = json_ready(result.report())
-        self.metrics.batch_ran(1, job.image_count)
-        return list(output.images)
+
+        def call(on_step_end: Callable[..., Any]) -> list[list[Image]]:
+            changes = len(result.adjustments)
+            arguments = call_arguments([job]) | {"callback_on_step_end": on_step_end}
+            output = generate(result, _log_adjustment, **arguments)
+            if len(result.adjustments) > changes:  # remedies or a tier change: re-snapshot
+                self.metrics.oom_recovered(len(result.adjustments) - changes)
+                _quiet(result.pipeline)
+                self._snapshot(result)
+            self.metrics.batch_ran(1, job.image_count)
+            return [list(output.images)]
+
+        return self._unless_stopped([job], call)[0]
+
+
+def _settle(
+    job: Job, *, images: list[Image] | None = None, error: BaseException | None = None
+) -> None:
+    """Answer ``job`` unless it is answered already (or was cancelled before it ran)."""
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(images or [])
 
 
 def _quiet(pipe: Any) -> None:
@@ -376,20 +557,14 @@ def _log_adjustment(line: str) -> None:
     logger.warning(line.strip())
 
 
-def json_ready(report: dict[str, Any]) -> dict[str, Any]:
-    """The report as plain JSON values (it holds a few others, e.g. paths), as `run --json`
-    prints it."""
-    return dict(json.loads(json.dumps(report, default=str)))
-
-
 def summary(report: dict[str, Any], seconds: float) -> str:
     """One line for the log: what was chosen and what it measured."""
     chosen, measured = report["chosen"], report["measured"]
     peak = measured["peak_bytes"]
-    step = measured["step_seconds"]
+    step = measured["smoke_step_seconds"]
     return (
         f"tuned {report['model']} in {seconds:.1f} s: {chosen['label']} on {measured['device']} "
         f"({chosen['description']}); peak {format_bytes(peak) if peak else 'n/a'}, "
-        f"{f'{step:.3f} s/step' if step else 'n/a'}"
+        f"smoke test {f'{step:.3f} s/step' if step else 'n/a'}"
         + (f"; warnings: {'; '.join(report['warnings'])}" if report["warnings"] else "")
     )
