@@ -107,7 +107,7 @@ def test_run_with_no_arguments_writes_an_image_and_a_report(tmp_path: Path) -> N
     # The generation's own step time (timed in it), apart from the smoke test's.
     generation, measured = report["generation"], report["measured"]
     assert generation["steps"] == 20 and 0 < generation["step_seconds"] < generation["seconds"]
-    assert measured["smoke_step_seconds"] == measured["step_seconds"] > 0
+    assert measured["smoke_step_seconds"] > 0 and "step_seconds" not in measured
     step, total = generation["step_seconds"], generation["seconds"]
     assert f"step: {step:.3f} s, in all: {total:.3f} s" in (out / "report.md").read_text()
     assert f"generation: 20 steps at 64x64, {step:.3f} s/step" in proc.stdout

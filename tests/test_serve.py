@@ -506,8 +506,10 @@ def test_a_real_cpu_out_of_memory_halves_the_batch(session_cache: Path) -> None:
     splits = re.search(r"^autoquant_batch_splits_total (\d+)$", outcome["metrics"], re.M)
     assert splits and int(splits[1]) >= 1, outcome
     # The allocator's own error under the cap, classified as out of memory by execute/memory.py.
-    first = next(line for line in outcome["log"] if line.startswith("out of memory with 8 "))
-    assert "can't allocate memory" in first
+    # (How many requests the first call held depends on how fast they queued: not asserted.)
+    failures = [line for line in outcome["log"] if line.startswith("out of memory with ")]
+    assert failures, outcome["log"]
+    assert "can't allocate memory" in failures[0] or "MemoryError" in failures[0], failures[0]
 
 
 # -- in-process: out-of-memory splitting and internal errors --------------------------------

@@ -122,11 +122,11 @@ def _writer(path: str, prefix: str) -> None:
         store.put(f"{prefix}{i}", {"updated": str(i), "model": prefix})
 
 
-def test_two_processes_writing_at_once_keep_both(tmp_path: Path) -> None:
-    path = tmp_path / "tuning.json"
+def _at_once(function: str, path: Path) -> None:
+    """Run ``function(path, name)`` of this module in two processes at once, named a and b."""
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_tuning_cache import _writer; "
-        "_writer(sys.argv[1], sys.argv[2])"
+        f"import sys; sys.path.insert(0, 'tests'); from test_tuning_cache import {function}; "
+        f"{function}(*sys.argv[1:])"
     )
     procs = [
         subprocess.Popen(
@@ -135,6 +135,11 @@ def test_two_processes_writing_at_once_keep_both(tmp_path: Path) -> None:
         for name in ("a", "b")
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
+
+
+def test_two_processes_writing_at_once_keep_both(tmp_path: Path) -> None:
+    path = tmp_path / "tuning.json"
+    _at_once("_writer", path)
     entries = TuningStore(path).entries()
     assert len(entries) == 50 and {e["model"] for e in entries.values()} == {"a", "b"}
 
@@ -214,17 +219,7 @@ def _adder(path: str, label: str) -> None:
 
 def test_two_processes_updating_one_key_lose_nothing(tmp_path: Path) -> None:
     path = tmp_path / "tuning.json"
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_tuning_cache import _adder; "
-        "_adder(*sys.argv[1:])"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(path), name], cwd=Path(__file__).parents[1]
-        )
-        for name in ("a", "b")
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    _at_once("_adder", path)
     labels = {o["label"] for o in TuningStore(path).entries()["one-key"]["outcomes"]}
     assert labels == {f"{name}{i}" for name in "ab" for i in range(20)}
 

@@ -39,6 +39,11 @@ def _add_machine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", type=size_text, help="plan for a GPU of this size (8GB, 8GiB, 8192MB)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="plan for this device kind")
     p.add_argument("--compute-capability", help="with an emulated CUDA GPU, e.g. 8.9 (default 8.6)")
+    p.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help='plan for this card of profiles/gpus.yaml, e.g. "RTX 4060" (alone: it is the machine)',
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tier_arguments(p)
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
     p.add_argument("--batch", type=batch_size, help="images per prompt the estimate is for")
-    p.add_argument("--json", action="store_true", help="print the Plan as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the Plan, and the machine it is for, as JSON"
+    )
 
     p = sub.add_parser("run", help="probe, plan, build, smoke-test, generate, report")
     add_tuning_arguments(p, size_help="WIDTHxHEIGHT (default: the model's native size)")
@@ -115,6 +122,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         vram=parse_size(args.vram) if args.vram else None,
         device=args.device,
         compute_capability=args.compute_capability,
+        gpu=args.gpu,
     )
     if args.json:
         print(profile.to_json())
@@ -161,13 +169,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from autoquant.execute.tuning import make_plan
 
     options = options_from_args(
-        args, vram=args.vram, compute_capability=args.compute_capability, batch=args.batch
+        args,
+        vram=args.vram,
+        compute_capability=args.compute_capability,
+        gpu=args.gpu,
+        batch=args.batch,
     )
     started = time.perf_counter()
-    the_plan, _, _ = make_plan(options)
+    the_plan, profile, _ = make_plan(options)
     if args.json:
-        _print_json(the_plan.to_dict())
+        _print_json({**the_plan.to_dict(), "probe": profile.to_dict()})
     else:
+        gpu = profile.primary_gpu if profile.has_gpu else None
+        if gpu is not None:
+            position = profile.gpus.index(gpu)
+            emulated = " (emulated)" if f"gpus[{position}].total_bytes" in profile.emulated else ""
+            print(f"for {gpu.name}{emulated}, compute capability {gpu.compute_capability}")
         _print_plan(the_plan)
         print(f"planned in {time.perf_counter() - started:.2f} s")
     return 0

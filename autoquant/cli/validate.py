@@ -1,6 +1,7 @@
-"""The checks a command's input gets before any heavy import or work: the settings load, the
-model's JSON parses, the output and cache folders can be written. Each raises an AutoquantError
-(one line, exit 2), so a bad input is reported in well under a second, and nothing is written.
+"""The checks a command's input gets before any heavy import or work: the settings load, a
+--gpu names a known card, the model's JSON parses, the output and cache folders can be written.
+Each raises an AutoquantError (one line, exit 2), so a bad input is reported in well under a
+second, and nothing is written.
 
 Argument syntax and ranges are checked earlier, by the argument types in cli/args.py.
 """
@@ -18,6 +19,7 @@ from autoquant.core.paths import cache_dir
 from autoquant.execute.tuning import settings_for
 from autoquant.models import resolve
 from autoquant.models.inventory import pipeline_layout
+from autoquant.probe.gpu_table import find_gpu
 
 
 def folder_problem(path: Path) -> str | None:
@@ -37,6 +39,24 @@ def folder_problem(path: Path) -> str | None:
 def check_settings(args: argparse.Namespace) -> None:
     """Profiles, --set and --backend/--precision load and validate (planner/rules.py)."""
     settings_for(options_from_args(args))
+
+
+def check_gpu(args: argparse.Namespace) -> None:
+    """--gpu names a card of profiles/gpus.yaml and comes alone: the card is the machine."""
+    if args.gpu is None:
+        return
+    flags = {
+        "--vram": args.vram,
+        "--device": args.device,
+        "--compute-capability": args.compute_capability,
+    }
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise AutoquantError(
+            f"--gpu {args.gpu!r} comes with its memory and compute capability; drop "
+            f"{', '.join(given)}"
+        )
+    find_gpu(args.gpu)
 
 
 def check_model(args: argparse.Namespace) -> None:
@@ -67,7 +87,8 @@ Check = Callable[[argparse.Namespace], None]
 # What each command reads or writes before its heavy work starts; commands not listed need none.
 # The model comes last: a hub id may wait up to HUB_CONNECT_TIMEOUT_S for the network.
 CHECKS: dict[str, tuple[Check, ...]] = {
-    "plan": (check_settings, check_cache, check_model),
+    "probe": (check_gpu,),
+    "plan": (check_gpu, check_settings, check_cache, check_model),
     "run": (check_settings, check_out, check_cache, check_model),
     "serve": (check_settings, check_cache, check_model),
     "convert": (check_model,),

@@ -1,4 +1,5 @@
-"""Where autoquant keeps its cache (built-in model folders, GGUF files, tuning results)."""
+"""Where autoquant keeps its cache (built-in model folders, GGUF files, tuning results) and where
+its shipped profiles live."""
 
 from __future__ import annotations
 
@@ -15,3 +16,11 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "autoquant"
+
+
+def profiles_dir() -> Path:
+    """The shipped profiles folder (default.yaml, presets/, gpus.yaml)."""
+    # A wheel ships profiles/ as autoquant/profiles; a source checkout has it beside autoquant/.
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "profiles"
+    return installed if installed.is_dir() else package.parent / "profiles"

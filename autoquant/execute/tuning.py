@@ -31,6 +31,7 @@ class TuneOptions:
     device: str | None = None  # plan for another machine: cuda | cpu | mps
     vram: str | None = None  # plan for a card of this size (emulated)
     compute_capability: str | None = None
+    gpu: str | None = None  # plan for a card of profiles/gpus.yaml (its memory and capability)
     vram_limit: str | None = None  # cap this process's real GPU memory (a real OOM past it)
     width: int | None = None
     height: int | None = None
@@ -62,10 +63,26 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
 
 def probe_for(options: TuneOptions, settings: dict[str, Any]) -> HardwareProfile:
     """The probe, with the machine the user asked to plan for (CLI flags over profile keys).
-    With --vram-limit the real card is probed and its size replaced by the cap."""
+    With --vram-limit the real card is probed and its size replaced by the cap. A named card
+    (--gpu, hardware.gpu) stands for the whole machine: a --gpu flag overrides every hardware
+    key, and any of --vram, --device and --compute-capability overrides hardware.gpu."""
     from autoquant.probe import emulate, probe
 
     hardware = settings["hardware"]
+    machine_flags = (options.vram, options.device, options.compute_capability)
+    gpu = options.gpu or (None if any(machine_flags) else hardware["gpu"])
+    if gpu:
+        if options.vram_limit:
+            raise AutoquantError(
+                "--vram-limit caps a real GPU; it cannot go with a named one (hardware.gpu)"
+            )
+        given = [key for key in ("vram", "device", "compute_capability") if hardware[key]]
+        if not options.gpu and given:
+            raise AutoquantError(
+                f"hardware.gpu names a card with its memory and capability; drop "
+                f"{', '.join(f'hardware.{key}' for key in given)}"
+            )
+        return probe(gpu=gpu)
     device = options.device or hardware["device"]
     capability = options.compute_capability or hardware["compute_capability"]
     capability = str(capability) if capability else None

@@ -19,6 +19,7 @@ import yaml
 from autoquant.backends import backend_names, validate_tier_name
 from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import AutoquantError, ConfigError
+from autoquant.core.paths import profiles_dir
 from autoquant.core.units import parse_size
 from autoquant.planner.facts import FACTS
 
@@ -27,6 +28,7 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
     "hardware.device": (str,),
     "hardware.vram": (str, int, float),
     "hardware.compute_capability": (str, float),
+    "hardware.gpu": (str,),  # a card of profiles/gpus.yaml, by name or alias
     "request.width": (int,),
     "request.height": (int,),
     "force.backend": (str,),
@@ -109,15 +111,8 @@ class Layer:
     lines: dict[str, int]
 
 
-def _profiles_root() -> Path:
-    # A wheel ships profiles/ as autoquant/profiles; a source checkout has it beside autoquant/.
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "profiles"
-    return installed if installed.is_dir() else package.parent / "profiles"
-
-
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in (_profiles_root() / "presets").glob("*.yaml"))
+    return sorted(p.stem for p in (profiles_dir() / "presets").glob("*.yaml"))
 
 
 def _index_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
@@ -154,7 +149,7 @@ def load_layer(spec: str) -> Layer:
     """A user file path, or the name of a shipped preset (`rtx4060-8gb`)."""
     path = Path(spec).expanduser()
     if not path.is_file():
-        preset = _profiles_root() / "presets" / f"{spec.removesuffix('.yaml')}.yaml"
+        preset = profiles_dir() / "presets" / f"{spec.removesuffix('.yaml')}.yaml"
         if not preset.is_file():
             names = ", ".join(preset_names())
             raise ConfigError(f"profile {spec!r}: no such file or preset (presets: {names})")
@@ -188,7 +183,7 @@ def parse_set(items: Iterable[str]) -> Layer:
 
 
 def default_layer() -> Layer:
-    path = _profiles_root() / "default.yaml"
+    path = profiles_dir() / "default.yaml"
     return parse_yaml(path.read_text(encoding="utf-8"), str(path))
 
 

@@ -1,4 +1,5 @@
-"""Planning for another machine: override the detected device and memory (--device, --vram).
+"""Planning for another machine: override the detected device and memory (--device, --vram), or
+put a named card in its place (--gpu, from probe/gpu_table.py).
 
 A pure function on a HardwareProfile. Every overridden field is named in ``profile.emulated`` so
 reports can mark it, and backend usability is recomputed when the accelerator changes.
@@ -18,7 +19,7 @@ EMULATED_CUDA_NAME = "Emulated CUDA GPU"
 EMULATED_MPS_NAME = "Emulated Apple GPU (MPS)"
 # Ampere (RTX 30xx, A100) is the oldest generation with bf16 and still the most common one.
 DEFAULT_COMPUTE_CAPABILITY = "8.6"
-_CAPABILITY = re.compile(r"^\d+\.\d+$")
+CAPABILITY = re.compile(r"^\d+\.\d+$")  # also the GPU table's format
 
 
 def emulate(
@@ -27,18 +28,27 @@ def emulate(
     vram: int | None = None,
     device: str | None = None,
     compute_capability: str | None = None,
+    name: str | None = None,
 ) -> HardwareProfile:
     """``profile`` as it would be with ``device``'s accelerator, ``vram`` bytes on every GPU and,
-    for CUDA, ``compute_capability``. Unchanged when all three are None. ``device="cuda"`` keeps
-    a ROCm GPU: torch addresses it as "cuda" too."""
+    for CUDA, ``compute_capability``. Unchanged when all of them are None. ``device="cuda"`` keeps
+    a ROCm GPU: torch addresses it as "cuda" too. With ``name``, the machine's GPUs give way to
+    one CUDA GPU of that name, ``vram`` and ``compute_capability``: a card from the GPU table."""
     _check_arguments(vram, device, compute_capability)
-    if device == "cpu":
+    marks: tuple[str, ...]
+    if name is not None:
+        if device not in (None, "cuda"):
+            raise AutoquantError(
+                f"{name} is a CUDA GPU: it cannot be emulated as --device {device}"
+            )
+        emulated, marks = _emulated_cuda(profile, vram, compute_capability, name)
+    elif device == "cpu":
         if vram is not None or compute_capability is not None:
             raise AutoquantError("--device cpu takes neither --vram nor --compute-capability")
         emulated = replace(profile, accelerator="cpu", gpus=(), driver=None)
-        marks: tuple[str, ...] = ("accelerator", "gpus")
+        marks = ("accelerator", "gpus")
     elif device == "cuda" and profile.accelerator not in ("cuda", "rocm"):
-        emulated, marks = _emulated_cuda(profile, vram, compute_capability)
+        emulated, marks = _emulated_cuda(profile, vram, compute_capability, None)
     elif device == "mps" and profile.accelerator != "mps":
         emulated, marks = _emulated_mps(profile, vram, compute_capability)
     else:  # the detected device stays; only its numbers may change
@@ -57,25 +67,29 @@ def _check_arguments(vram: int | None, device: str | None, compute_capability: s
         raise AutoquantError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if vram is not None and vram <= 0:
         raise AutoquantError(f"--vram must be greater than zero, not {vram}")
-    if compute_capability is not None and not _CAPABILITY.match(compute_capability):
+    if compute_capability is not None and not CAPABILITY.match(compute_capability):
         raise AutoquantError(
             f"compute capability {compute_capability!r} must be MAJOR.MINOR, e.g. 8.6 or 12.0"
         )
 
 
 def _emulated_cuda(
-    profile: HardwareProfile, vram: int | None, compute_capability: str | None
+    profile: HardwareProfile, vram: int | None, compute_capability: str | None, name: str | None
 ) -> tuple[HardwareProfile, tuple[str, ...]]:
     if vram is None:
+        if name is not None:
+            raise AutoquantError(f"an emulated {name} needs its memory size (vram)")
         raise AutoquantError("--device cuda on a machine without a CUDA GPU needs --vram SIZE")
     gpu = GpuInfo(
-        name=EMULATED_CUDA_NAME,
+        name=name or EMULATED_CUDA_NAME,
         total_bytes=vram,
         free_bytes=vram,
         compute_capability=compute_capability or DEFAULT_COMPUTE_CAPABILITY,
     )
+    # A named card may replace a real CUDA GPU, whose accelerator then stays what it was.
     marks = (
-        "accelerator",
+        *(("accelerator",) if profile.accelerator != "cuda" else ()),
+        *(("gpus[0].name",) if name is not None else ()),
         "gpus[0].total_bytes",
         "gpus[0].free_bytes",
         "gpus[0].compute_capability",
