@@ -83,15 +83,20 @@ def test_retune_flag_ignores_the_saved_decision(fresh_cache: Path) -> None:
     assert result.cache is not None and result.cache["hit"] is False
 
 
-def test_garbage_store_warns_and_retunes(fresh_cache: Path) -> None:
-    store = fresh_cache / "tuning.json"
-    store.write_text("{not json at all")
+def _retunes_with_the_store_set_aside(cache: Path) -> None:
+    """A run over an unreadable store warns, keeps the store aside and writes a fresh one."""
     warnings: list[str] = []
     result = tune(TuneOptions(device="cpu", progress=False), log=warnings.append)
     assert result.cache is not None and result.cache["hit"] is False
     assert any("unreadable" in w for w in warnings)
-    assert list(fresh_cache.glob("tuning.json.corrupt-*")), "the bad store is kept aside"
-    assert json.loads(store.read_text())["entries"], "a fresh store was written"
+    assert list(cache.glob("tuning.json.corrupt-*")), "the bad store is kept aside"
+    assert json.loads((cache / "tuning.json").read_text())["entries"], "a fresh store was written"
+
+
+def test_garbage_store_warns_and_retunes(fresh_cache: Path) -> None:
+    store = fresh_cache / "tuning.json"
+    store.write_text("{not json at all")
+    _retunes_with_the_store_set_aside(fresh_cache)
 
 
 def test_oom_tiers_are_remembered_and_skipped(
@@ -176,12 +181,7 @@ def test_an_unreadable_store_of_any_kind_is_moved_aside(fresh_cache: Path, kind:
         store.mkdir()
     else:
         store.write_bytes(b"\xff\xfe{\x00garbage\x80")
-    warnings: list[str] = []
-    result = tune(TuneOptions(device="cpu", progress=False), log=warnings.append)
-    assert result.cache is not None and result.cache["hit"] is False
-    assert any("unreadable" in w for w in warnings)
-    assert list(fresh_cache.glob("tuning.json.corrupt-*")), "the bad store is kept aside"
-    assert json.loads(store.read_text())["entries"], "a fresh store was written"
+    _retunes_with_the_store_set_aside(fresh_cache)
 
 
 def test_a_read_only_cache_is_one_line_error(

@@ -153,14 +153,10 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Returns 0 after a clean drain, 128 + the signal's number
     when a second signal aborted the drain, 1 when the worker thread died. A tuning failure
     stops the server and is raised here (an AutoquantError is the CLI's one-line error)."""
-    # Reject bad flags, profiles, backends and models before the server binds (no weights).
-    from autoquant import models
-    from autoquant.execute.tuning import settings_for
-
+    # Profiles, backends, the model and the cache were checked by cli/validate.py before this
+    # runs; what only a server has is checked here, before it tunes.
     _check_sizes(args)
     _check_listen(args.host, args.port)
-    settings_for(_tune_options(args))
-    models.resolve(args.model)
     import uvicorn
     from diffusers.utils import logging as diffusers_logging
 
