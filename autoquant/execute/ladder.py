@@ -136,7 +136,7 @@ def _try_tier(
         outcome="chosen",
         estimate_bytes=planned.estimate.required_bytes,
     )
-    reason = get_backend(tier.backend).unavailable_reason(device)
+    reason = get_backend(tier.backend).unavailable_reason(device, tier.precision)
     if reason:
         attempt.outcome, attempt.phase, attempt.error = "unavailable", "check", reason
         log(f"  skip {planned.label}: {reason}")
