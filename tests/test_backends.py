@@ -12,7 +12,7 @@ from machines import INSTALLED, made_up_machine
 
 import autoquant.backends as registry
 from autoquant.backends import backend_class, backend_classes, validate_tier_name
-from autoquant.backends.base import QuantBackend, WeightFormat
+from autoquant.backends.base import BuildRequest, QuantBackend, WeightFormat
 from autoquant.backends.tier import Tier
 from autoquant.bench import TierSpec
 from autoquant.bench.command import usable_tiers
@@ -40,7 +40,8 @@ def test_each_backend_declares_consistent_facts(backend: type[QuantBackend]) -> 
         assert backend.install_hint() == f"pip install 'autoquant-diffusers[{backend.extra}]'"
     if set(backend.runs_on) != {"cuda", "rocm", "xpu", "mps", "cpu"}:
         assert backend.refused_on_device, "a refused accelerator needs a reason to show"
-    assert backend.survives_group_offload or not backend.group_offload_streams
+    assert set(backend.layer_errors) == set(backend.precisions)
+    assert all(error >= 0 for error in backend.layer_errors.values())
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,7 @@ class MadeUp(QuantBackend):
     refused_on_device = "madeup runs on CUDA only"
     quantizes = ("denoiser", "text_encoder")
     survives_group_offload = True
+    layer_errors: ClassVar[dict[str, float]] = {"q3": 0.2}
 
     def describe(self, tier: Tier) -> str:
         return "three bits"
@@ -132,3 +134,48 @@ def test_a_backend_added_to_the_registry_alone_is_seen_everywhere() -> None:
     # The bench: +te is accepted, and `--tiers all` offers it where it runs.
     assert TierSpec.parse("madeup:q3+te").text_encoders
     assert TierSpec("madeup", "q3") in usable_tiers(gpu)
+
+
+class QuantizesWhileLoading(MadeUp):
+    """A backend that, like bitsandbytes, quantizes onto the device while loading: its config is
+    None here (a plain load), so the test runs on any CPU."""
+
+    name = "loadsitself"
+    formats: ClassVar[dict[str, WeightFormat]] = {
+        "q3": WeightFormat(3 / 8, quantizes_on_device=True)
+    }
+
+    def quant_mapping(self, request: BuildRequest) -> dict[str, Any]:
+        return {c.name: None for c in self._quantized(request)}
+
+
+def test_an_offloaded_tier_that_quantizes_while_loading_loads_one_component_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from autoquant.models import materialize
+
+    source = resolve("builtin:tiny-sd")
+    inv = inventory(source)
+    names = ("unet", "text_encoder")
+    loaded: list[str] = []
+    for model_class in (UNet2DConditionModel, CLIPTextModel):
+        real = model_class.from_pretrained.__func__  # type: ignore[attr-defined]
+
+        def spy(cls: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            loaded.append(kwargs.get("subfolder", "by the pipeline"))
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(model_class, "from_pretrained", classmethod(spy))
+    tier = Tier("loadsitself", "q3", "fp32", names, ("model_cpu_offload",))
+    request = BuildRequest(folder=Path(materialize(source)), inventory=inv, tier=tier, device="cpu")
+    pipe = QuantizesWhileLoading().load(request)
+    # Each quantized component alone, in the mapping's order, left on the CPU; the pipeline
+    # loads neither again.
+    assert sorted(loaded) == sorted(names)
+    assert all(getattr(pipe, n).device == torch.device("cpu") for n in names)
+    image = pipe("x", num_inference_steps=1, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)

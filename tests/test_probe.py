@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -604,3 +605,38 @@ def test_probe_imports_no_backend() -> None:
         "gguf",
         "transformers",
     }
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "8589934592\n", "memory.current": "1073741824\n"}, (8 * 2**30, 2**30)),
+        ({"memory.max": "max\n", "memory.current": "1073741824\n"}, None),
+        (
+            {
+                "memory/memory.limit_in_bytes": "4294967296\n",
+                "memory/memory.usage_in_bytes": "1000\n",
+            },
+            (4 * 2**30, 1000),
+        ),
+        (
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712\n",
+                "memory/memory.usage_in_bytes": "1000\n",
+            },
+            None,
+        ),
+        ({}, None),
+    ],
+    ids=["v2-limit", "v2-max", "v1-limit", "v1-unlimited", "none"],
+)
+def test_the_cgroup_memory_limit_is_read(
+    tmp_path: Path, files: dict[str, str], expected: tuple[int, int] | None
+) -> None:
+    from autoquant.probe.host import cgroup_memory_limit
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    limit = cgroup_memory_limit(tmp_path)
+    assert (None if limit is None else (limit.limit_bytes, limit.used_bytes)) == expected

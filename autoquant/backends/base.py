@@ -107,9 +107,14 @@ class QuantBackend(ABC):
     survives_model_offload: ClassVar[bool] = True
     # Block-level group offload (diffusers 0.42.1) leaves some backends' weights behind.
     survives_group_offload: ClassVar[bool] = False
-    # Group offload with CUDA streams (use_stream): off until a GPU run shows the backend
-    # survives it; torchao's is reported to fail (docs/benchmarks.md, not measured here).
-    group_offload_streams: ClassVar[bool] = False
+    # Group offload from pinned memory with CUDA streams (use_stream): off until a GPU run shows
+    # the backend survives it (docs/benchmarks.md).
+    survives_group_offload_streams: ClassVar[bool] = False
+    # Measured per-layer relative error of each precision (the bench's metric: median over the
+    # denoiser's nn.Linear layers against fp32, docs/benchmarks.md), read by the planner to class
+    # a tier's fidelity. A precision without a measurement of its own is declared at the figure
+    # of the nearest measured one, and its comment says which.
+    layer_errors: ClassVar[Mapping[str, float]] = {}
     caveat: ClassVar[str | None] = None  # told whenever it is probed or used (a deprecation)
     writes_files: ClassVar[bool] = False  # converts the model into its own files (`convert`)
 
@@ -145,6 +150,20 @@ class QuantBackend(ABC):
     @classmethod
     def format(cls, precision: str) -> WeightFormat | None:
         return cls.formats.get(precision)
+
+    @classmethod
+    def layer_error(cls, precision: str) -> float:
+        return cls.layer_errors[precision]
+
+    @classmethod
+    def survives(cls, placement: str) -> bool:
+        """Whether this backend's weights run under ``placement`` (Tier.placement)."""
+        return {
+            "resident": True,
+            "model_cpu_offload": cls.survives_model_offload,
+            "group_offload": cls.survives_group_offload,
+            "group_offload_streams": cls.survives_group_offload_streams,
+        }[placement]
 
     @classmethod
     def text_encoder_precision(cls, precision: str) -> str:
@@ -197,28 +216,68 @@ class QuantBackend(ABC):
 
     def load(self, request: BuildRequest) -> DiffusionPipeline:
         """Load the pipeline for this tier. Components land on the CPU (bitsandbytes puts what it
-        quantizes on the GPU itself) unless device_map spreads them over GPUs; the executor
-        moves or offloads them afterwards."""
+        quantizes on the GPU itself; offloaded, it is moved back to the CPU component by
+        component) unless device_map spreads them over GPUs; the executor moves or offloads them
+        afterwards."""
         from diffusers import DiffusionPipeline
         from diffusers.quantizers import PipelineQuantizationConfig
 
         tier = request.tier
         kwargs: dict[str, Any] = dict(self.components(request))
-        mapping = self.quant_mapping(request)
-        if mapping:
-            kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
         load = self.load_dtype(tier.precision, tier.compute_dtype)
         vae = self.vae_dtype(tier.precision, tier.compute_dtype)
         dtype: Any = torch_dtype(load)
         if vae != load:
             dtype = {"vae": torch_dtype(vae), "default": dtype}
+        mapping = self.quant_mapping(request)
         if request.device_map:
             kwargs["device_map"] = request.device_map
+        if (
+            mapping
+            and tier.offloaded
+            and not request.device_map
+            and self._quantizes_on_device(tier)
+        ):
+            kwargs.update(self._load_one_at_a_time(request, mapping, dtype))
+        elif mapping:
+            kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
         pipe = DiffusionPipeline.from_pretrained(
             str(request.folder), dtype=dtype, use_safetensors=True, **kwargs
         )
         pipe.set_progress_bar_config(disable=True)  # the executor reports per tier instead
         return pipe
+
+    def _quantizes_on_device(self, tier: Tier) -> bool:
+        fmt = self.format(tier.precision)
+        return fmt is not None and fmt.quantizes_on_device
+
+    def _load_one_at_a_time(
+        self, request: BuildRequest, mapping: dict[str, Any], dtype: Any
+    ) -> dict[str, Any]:
+        """Load each quantized component alone, quantized onto the GPU, and move it to the CPU
+        before the next: an offloaded tier then never holds two of them on the GPU at once
+        (loaded together, Flux-dev NF4 with T5 NF4 peaked at 11.24 GB against the 7.32 GB it
+        needs to generate: ../shared/notes/speed-levers.md). The offload hooks move them back."""
+        import importlib
+
+        import torch
+
+        loaded: dict[str, Any] = {}
+        for name, config in mapping.items():
+            component = request.inventory.component(name)
+            model_class = getattr(importlib.import_module(component.library), component.class_name)
+            own_dtype = dtype.get(name, dtype["default"]) if isinstance(dtype, dict) else dtype
+            model = model_class.from_pretrained(
+                str(request.folder),
+                subfolder=name,
+                quantization_config=config,
+                dtype=own_dtype,
+                use_safetensors=True,
+            )
+            loaded[name] = model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return loaded
 
     def post_process(self, pipe: DiffusionPipeline, request: BuildRequest) -> None:  # noqa: B027
         """Adjust the loaded pipeline before memory options and the smoke test (default: none)."""

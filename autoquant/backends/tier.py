@@ -6,15 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Memory options, in the order the planner reaches for them (cheapest in speed first).
+# Memory options, in the order the planner reaches for them (cheapest in speed first). Each
+# offload option is a placement of the whole pipeline's weights: swapped in per component for its
+# phase (model_cpu_offload), or streamed block by block on every step, from pinned memory with
+# CUDA streams overlapping the copies (group_offload_streams) or from pageable memory without
+# (group_offload, which needs no second host copy).
 MEMORY_OPTIONS = (
     "vae_slicing",
     "vae_tiling",
     "attention_slicing",
     "model_cpu_offload",
+    "group_offload_streams",
     "group_offload",
 )
-OFFLOAD_OPTIONS = ("model_cpu_offload", "group_offload")
+OFFLOAD_OPTIONS = ("model_cpu_offload", "group_offload_streams", "group_offload")
+GROUP_OFFLOAD_OPTIONS = ("group_offload_streams", "group_offload")
 # vae_tiling decodes in tiles of this many pixels a side. diffusers tiles only images larger than
 # the VAE's sample_size, which is 1024 for SDXL and Flux: at 1024² its own tiling changes nothing,
 # so the executor lowers the tile to this (execute/build.py) and the estimate counts one tile.
@@ -47,10 +53,20 @@ class Tier:
     def offloaded(self) -> bool:
         return any(o in OFFLOAD_OPTIONS for o in self.memory_options)
 
+    @property
+    def placement(self) -> str:
+        """Where the weights live while generating: "resident", or the offload option."""
+        return next((o for o in self.memory_options if o in OFFLOAD_OPTIONS), "resident")
+
+    @property
+    def streamed(self) -> bool:
+        return self.placement in GROUP_OFFLOAD_OPTIONS
+
     def with_options(self, *options: str) -> Tier:
         wanted = set(self.memory_options) | set(options)
-        if "group_offload" in options:
-            wanted.discard("model_cpu_offload")  # the two offload modes exclude each other
+        for offload in OFFLOAD_OPTIONS:  # one placement at a time: the last asked for wins
+            if offload in options:
+                wanted -= set(OFFLOAD_OPTIONS) - {offload}
         merged = tuple(o for o in MEMORY_OPTIONS if o in wanted)
         return Tier(
             self.backend, self.precision, self.compute_dtype, self.quantized_components, merged

@@ -55,7 +55,7 @@ class TierSpec:
                 f"tier {text!r}: +te needs a backend that quantizes text encoders "
                 f"({', '.join(able)}); offload them instead (+model_cpu_offload)"
             )
-        if all(o in extras for o in OFFLOAD_OPTIONS):
+        if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
         return cls(
             backend,

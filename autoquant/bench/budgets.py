@@ -1,5 +1,6 @@
 """Budgets: which measured tiers fit each VRAM budget, what the planner chose there, and how its
-choice compares with the fastest tier that fits at no worse per-layer error.
+choice compares with the fastest tier that fits in the same fidelity class or a better one
+(planner/fidelity.py).
 
 Budgets are in GB = 10^9 bytes, as ``--vram 8GB`` reads them (a card sold as "8 GB").
 """
@@ -14,6 +15,7 @@ from autoquant.core.errors import AutoquantError
 from autoquant.core.units import GB
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Estimate, Request, estimate
+from autoquant.planner.fidelity import fidelity_class, fidelity_rank
 from autoquant.planner.plan import plan
 from autoquant.probe.emulate import emulate
 from autoquant.probe.types import HardwareProfile
@@ -80,14 +82,10 @@ def _fits(need: int | None, limit: int) -> bool:
     return need is not None and need <= limit
 
 
-def _no_worse(record: dict[str, Any], error: float) -> bool:
-    value = _per_layer_error(record)
-    return value is not None and value <= error
-
-
-def _per_layer_error(record: dict[str, Any]) -> float | None:
-    value = (record.get("fidelity") or {}).get("per_layer_error_median")
-    return float(value) if value is not None else None
+def _rank(record: dict[str, Any]) -> int:
+    """The fidelity class of the record's tier, 0 the best: the classes the planner chooses by,
+    so that the comparison asks the question the objective answers."""
+    return fidelity_rank(fidelity_class(record_tier(record)))
 
 
 def _latency(record: dict[str, Any]) -> float | None:
@@ -153,6 +151,10 @@ def budget_rows(
             "spec": chosen.name,
             "label": the_plan.chosen.label,
             "estimate_bytes": the_plan.chosen.estimate.required_bytes,
+            "predicted_seconds": the_plan.chosen.latency.seconds
+            if the_plan.chosen.latency
+            else None,
+            "fidelity": the_plan.chosen.fidelity,
             "path": list(the_plan.path),
         }
         measured = _measured_as(chosen, [r for r in records if not r.get("compile")])
@@ -163,15 +165,15 @@ def budget_rows(
 
 
 def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[str, Any]:
-    """The plan's tier against the fastest fitting tier whose per-layer error is no worse and
+    """The plan's tier against the fastest fitting tier of its fidelity class or a better one
     whose generation ran as many steps (compiled tiers left out: the planner never compiles)."""
     out: dict[str, Any] = {
         "plan_measured_as": measured["spec"],
         "plan_fits_measured": measured in fitting,
         "plan_e2e_seconds": _latency(measured),
     }
-    error, latency = _per_layer_error(measured), _latency(measured)
-    if error is None or latency is None:
+    latency = _latency(measured)
+    if latency is None:
         return out
     # Whole generations compare only at one step count (calls may have run different ones).
     candidates = [
@@ -179,7 +181,7 @@ def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[st
         for r in fitting
         if not r.get("compile")
         and _latency(r) is not None
-        and _no_worse(r, error)
+        and _rank(r) <= _rank(measured)
         and r["request"]["steps"] == measured["request"]["steps"]
     ]
     if candidates:

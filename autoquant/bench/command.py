@@ -40,6 +40,7 @@ from autoquant.bench.budgets import (
     fit_bytes,
     parse_budgets,
     record_estimate,
+    record_tier,
 )
 from autoquant.bench.report import write_reports
 from autoquant.bench.tier_run import TIERS_DIR, estimate_error_pct, tier_result_path
@@ -48,6 +49,8 @@ from autoquant.core.console import progress_log
 from autoquant.core.fsutil import write_text_atomic
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request
+from autoquant.planner.fidelity import fidelity_class
+from autoquant.planner.latency import predict
 from autoquant.probe.types import HardwareProfile
 
 DEFAULT_OUT = Path("autoquant-bench")
@@ -368,7 +371,7 @@ def _bench(sweep: _Sweep) -> dict[str, Any]:
     for record in records:
         row = {k: v for k, v in record.items() if k != "probe"}
         row["fit_bytes"] = fit_bytes(record, sweep.inventory, on_cuda)
-        _refresh_estimate(row, sweep.inventory)
+        _refresh_estimate(row, sweep.inventory, profile)
         tiers.append(row)
     return {
         "schema": 1,
@@ -400,15 +403,21 @@ def _bench(sweep: _Sweep) -> dict[str, Any]:
     }
 
 
-def _refresh_estimate(row: dict[str, Any], inventory: ModelInventory) -> None:
-    """The estimate of today's estimator: a report rebuilt with --report-only after an
-    estimator change compares the new estimates with the old measurements. What the estimate
-    missed by when the tier was measured stays in ``estimate_error_pct_when_measured``."""
+def _refresh_estimate(
+    row: dict[str, Any], inventory: ModelInventory, profile: HardwareProfile
+) -> None:
+    """The estimate and the predicted seconds of today's estimator and latency model: a report
+    rebuilt with --report-only after a change compares the new figures with the old
+    measurements. What the estimate missed by when the tier was measured stays in
+    ``estimate_error_pct_when_measured``."""
     if "request" not in row:  # the tier's process died before it wrote its record
         return
     device = row["device"]
     est = record_estimate(row, inventory, on_gpu=device != "cpu")
     row["estimate"] = est.to_dict()
+    latency = predict(inventory, record_tier(row), Request(**row["request"]), est, profile)
+    row["predicted_seconds"] = latency.seconds if latency else None
+    row["fidelity_class"] = fidelity_class(record_tier(row))
     error = estimate_error_pct(est, row, on_cuda=device == "cuda")
     if error is None:
         return

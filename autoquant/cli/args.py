@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
-from autoquant.planner.rules import BATCH, SIDE, STEPS, Range
+from autoquant.planner.rules import BATCH, OBJECTIVES, SIDE, STEPS, Range
 
 EXIT_USAGE = 2
 # torch.Generator.manual_seed takes -2**63 … 2**64-1 and wraps negative seeds around to
@@ -63,6 +63,14 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     """--backend/--precision: force a tier, as `plan`, `run` and `serve` take them."""
     p.add_argument("--backend", help=f"force a backend ({', '.join(backend_names())})")
     p.add_argument("--precision", help="force a precision for --backend")
+    p.add_argument(
+        "--optimize",
+        choices=OBJECTIVES,
+        help="what decides among plans that fit (planner.optimize; default balanced): the "
+        "fastest (speed), the fastest of the best fidelity class within planner."
+        "balanced_slowdown of it (balanced), the fastest of the best fidelity class (quality), "
+        "or the design card's tree (card)",
+    )
 
 
 def add_tuning_arguments(
@@ -91,6 +99,7 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
         overrides=tuple(args.overrides),
         backend=args.backend,
         precision=args.precision,
+        optimize=args.optimize,
         device=args.device,
         width=width,
         height=height,

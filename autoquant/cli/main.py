@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
     p.add_argument("--batch", type=batch_size, help="images per prompt the estimate is for")
     p.add_argument(
+        "--steps", type=step_count, help="denoising steps the times are for (default 20)"
+    )
+    p.add_argument(
         "--json", action="store_true", help="print the Plan, and the machine it is for, as JSON"
     )
 
@@ -76,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_tuning_arguments(p, size_help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=step_count, default=None, help="denoising steps (default 20)")
+    p.add_argument(
+        "--steps",
+        type=step_count,
+        default=None,
+        help="denoising steps (default: request.steps, 20)",
+    )
     p.add_argument("--seed", type=generator_seed, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
@@ -156,12 +164,18 @@ def _print_plan(the_plan: Any) -> None:
     print("why:")
     for step in data["path"]:
         print(f"  - {step}")
-    print("ladder (chosen first):")
+    request = the_plan.request
+    print(
+        f"ladder (chosen first; seconds predicted for one generation of {request.steps} steps at "
+        f"{request.width}x{request.height}, loading apart):"
+    )
     for index, planned in enumerate(the_plan.ladder):
         est = planned.estimate
+        seconds = f"~{planned.seconds:.3g} s" if planned.latency else "not priced"
         print(
-            f"  {index + 1}. {planned.label:<70} needs ~{format_bytes(est.required_bytes)} "
-            f"(weights {format_bytes(est.weights_bytes)}, peak {format_bytes(est.peak_bytes)})"
+            f"  {index + 1}. {planned.label:<70} {seconds:>10}, {planned.fidelity} class, "
+            f"needs ~{format_bytes(est.required_bytes)} (weights {format_bytes(est.weights_bytes)}"
+            f", peak {format_bytes(est.peak_bytes)})"
         )
 
 
@@ -174,6 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         compute_capability=args.compute_capability,
         gpu=args.gpu,
         batch=args.batch,
+        steps=args.steps,
     )
     started = time.perf_counter()
     the_plan, profile, _ = make_plan(options)
@@ -242,8 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = tune(options, log=log)
     tuned = time.perf_counter() - started
-    steps = args.steps or 20
     request = result.plan.request
+    steps = request.steps
     log(f"generating {request.width}x{request.height}, {steps} steps …")
     clock = StepClock()
     gen_started = time.perf_counter()
@@ -293,6 +308,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{format_bytes(estimate['allocator_peak_bytes'])} allocator peak + "
         f"{format_bytes(estimate['overhead_bytes'])} {estimate['overhead']}"
     )
+    if report["predicted"]:
+        predicted = report["predicted"]["seconds"]
+        print(
+            f"predicted {predicted:.2f} s for the generation, measured {generation['seconds']:.2f}"
+            f" s ({generation['seconds'] / predicted:.2f}x); {report['chosen']['fidelity']} class,"
+            f" chosen by --optimize {report['chosen']['objective']}"
+        )
     if report["cache"] and report["cache"]["hit"]:
         print(f"tuning cache hit ({report['cache']['key']}): went straight to the saved tier")
     for warning in report["warnings"]:

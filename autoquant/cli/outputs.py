@@ -73,6 +73,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{generation.get('width', '—')}x{generation.get('height', '—')}, "
         f"step: {_seconds(generation.get('step_seconds'))}, "
         f"in all: {_seconds(generation.get('seconds'))}",
+        f"- Predicted: {_seconds((report.get('predicted') or {}).get('seconds'))} "
+        f"({chosen.get('fidelity')} class, --optimize {chosen.get('objective')})",
         f"- Smoke test: step: {_seconds(measured.get('smoke_step_seconds'))}, "
         f"in all: {_seconds(measured.get('smoke_seconds'))}; "
         f"load: {_seconds(measured.get('load_seconds'))}",

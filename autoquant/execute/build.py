@@ -7,7 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoquant.backends import BuildRequest, backend_class, get_backend
+from autoquant.backends import BuildRequest, get_backend
 from autoquant.backends.tier import VAE_TILE_PIXELS
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import PlannedTier
@@ -27,9 +27,8 @@ def enable_vae_tiling(vae: Any) -> None:
         vae.tile_latent_min_size = VAE_TILE_PIXELS // scale
 
 
-def turn_on(pipe: Any, options: Collection[str], device: str, *, streams: bool = False) -> None:
-    """Switch memory options on for a loaded pipeline, in place. ``streams``: group offload
-    overlaps its copies on CUDA streams (for backends that declare they survive it)."""
+def turn_on(pipe: Any, options: Collection[str], device: str) -> None:
+    """Switch memory options on for a loaded pipeline, in place."""
     import torch
 
     if "vae_slicing" in options:
@@ -40,37 +39,56 @@ def turn_on(pipe: Any, options: Collection[str], device: str, *, streams: bool =
         pipe.enable_attention_slicing()
     if "model_cpu_offload" in options:
         pipe.enable_model_cpu_offload(device=device)
+    elif "group_offload_streams" in options:
+        enable_group_offload(pipe, torch.device(device), streams=True)
     elif "group_offload" in options:
-        enable_group_offload(pipe, torch.device(device), streams=streams)
+        enable_group_offload(pipe, torch.device(device), streams=False)
 
 
-def enable_group_offload(pipe: Any, onload_device: Any, *, streams: bool = False) -> None:
+def enable_group_offload(pipe: Any, onload_device: Any, *, streams: bool) -> None:
     """Block-level group offload of every component, one block per group, with the text
-    encoders streamed layer by layer too (autoquant.models.groups says why)."""
+    encoders streamed layer by layer too (autoquant.models.groups says why). ``streams``: the
+    weights are pinned in host memory and each next group is copied on a CUDA stream while the
+    current one computes (diffusers' use_stream).
+
+    With streams, a component whose blocks sit below named ``block_modules`` (the text
+    encoders' layer stacks) is offloaded leaf by leaf instead: diffusers 0.42.1 registers a
+    prefetch hook at every level it recurses into, and the outer one then fails on the inner
+    one's trackers ("Hook with name layer_execution_tracker already exists in the registry",
+    Flux-dev on an H200, docs/benchmarks.md); leaf level recurses into nothing. The VAE streams
+    without CUDA streams: the prefetch order is learnt in the module's first forward, and the
+    pipeline calls the VAE's decode, never its forward (diffusers warns the same of tiling).
+    """
     import torch
     from diffusers.hooks import apply_group_offloading
 
     from autoquant.models.groups import block_modules
 
-    options: dict[str, Any] = {
-        "onload_device": onload_device,
-        "offload_type": "block_level",
-        "num_blocks_per_group": 1,
-    }
-    if streams:
-        options["use_stream"] = True
+    vae = getattr(pipe, "vae", None)
     for component in pipe.components.values():
-        if hasattr(component, "enable_group_offload"):  # a diffusers model: as the pipeline does
-            component.enable_group_offload(**options)
-        elif isinstance(component, torch.nn.Module):
-            path = block_modules(component, "transformers")
-            apply_group_offloading(component, block_modules=path, **options)
+        if not isinstance(component, torch.nn.Module):
+            continue
+        library = "diffusers" if hasattr(component, "enable_group_offload") else "transformers"
+        path = block_modules(component, library)
+        stream = streams and component is not vae
+        if stream and path:
+            apply_group_offloading(
+                component, onload_device, offload_type="leaf_level", use_stream=True
+            )
+        else:
+            apply_group_offloading(
+                component,
+                onload_device,
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                block_modules=path,
+                use_stream=stream,
+            )
 
 
 def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
     """Turn on the tier's memory options and put the pipeline on its device."""
-    streams = backend_class(planned.tier.backend).group_offload_streams
-    turn_on(pipe, planned.tier.memory_options, device, streams=streams)
+    turn_on(pipe, planned.tier.memory_options, device)
     # Offloading places the components itself; a device map already spread them over GPUs.
     if not planned.tier.offloaded and not planned.device_map:
         pipe.to(device)

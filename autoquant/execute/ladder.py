@@ -92,7 +92,13 @@ class Result:
                 "memory_options": list(self.chosen.tier.memory_options),
                 "device_map": self.chosen.device_map,
                 "description": get_backend(self.chosen.tier.backend).describe(self.chosen.tier),
+                "fidelity": self.chosen.fidelity,
+                "objective": self.plan.objective,
+                "parts": self.chosen.parts(),
             },
+            # The latency model's prediction for this tier (planner/latency.py); `generation`
+            # (written by the caller that generates) holds the measured seconds beside it.
+            "predicted": self.chosen.latency.to_dict() if self.chosen.latency else None,
             "tried": [a.to_dict() for a in self.attempts],
             "measured": {
                 "device": self.plan.device,

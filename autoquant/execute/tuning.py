@@ -28,6 +28,7 @@ class TuneOptions:
     overrides: Sequence[str] = ()  # "dotted.key=value"
     backend: str | None = None
     precision: str | None = None
+    optimize: str | None = None  # planner.optimize: speed | balanced | quality | card
     device: str | None = None  # plan for another machine: cuda | cpu | mps
     vram: str | None = None  # plan for a card of this size (emulated)
     compute_capability: str | None = None
@@ -58,6 +59,8 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
                 "--precision needs --backend (e.g. --backend gguf --precision q4_0)"
             )
         overrides.append(f"force.precision={options.precision}")
+    if options.optimize:
+        overrides.append(f"planner.optimize={options.optimize}")
     return load_settings(options.profiles, overrides)
 
 

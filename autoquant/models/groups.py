@@ -48,14 +48,22 @@ def block_modules(module: nn.Module, library: str) -> list[str] | None:
     return modules_above_blocks(module)
 
 
-def resident_params(module: nn.Module, library: str) -> int:
+def resident_params(module: nn.Module, library: str) -> tuple[int, int]:
     """Parameters on the device during a forward under block-level group offload, one block per
-    group: every unmatched group on the way down (each onloaded for its module's whole forward)
+    group: without streams, and with them (diffusers' use_stream).
+
+    Without: every unmatched group on the way down (each onloaded for its module's whole forward)
     plus one block, of the blocks' mean size. The mean, not the largest: the activation peak
     comes in whichever block is running, and most of Flux's blocks are its 38 single blocks, a
     third the size of its 19 double ones. Measured on an H200 (Flux-dev, torchao int8): 0.81 GB
-    peak against 0.80 estimated this way (0.93 with the largest block). Tied parameters count
-    once."""
+    peak against 0.80 estimated this way (0.93 with the largest block).
+
+    With streams: the unmatched groups plus the two largest blocks, the one running and the next
+    being copied beside it. Measured on an H200, bf16 at 1024²: SDXL's UNet (whose up_blocks[0]
+    holds 1.2 B of its 2.6 B parameters) peaked at 5.11 GB against 5.14 estimated this way;
+    Flux-dev's transformer at 1.89 GB against 2.02 (docs/runs/2026-12-01-h200-speed/).
+
+    Tied parameters count once."""
     recurse_into = set(block_modules(module, library) or ())
     counted: set[int] = set()
     blocks: list[int] = []
@@ -77,4 +85,5 @@ def resident_params(module: nn.Module, library: str) -> int:
         return total
 
     always = always_on(module)
-    return always + (sum(blocks) // len(blocks) if blocks else 0)
+    mean_block = sum(blocks) // len(blocks) if blocks else 0
+    return always + mean_block, always + sum(sorted(blocks)[-2:])

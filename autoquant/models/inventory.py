@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Bump when what is counted, or how, changes: old cache entries then stop matching.
-CACHE_FORMAT = 3  # 2: group_resident_params; 3: linear_in_features
+CACHE_FORMAT = 4  # 2: group_resident_params; 3: linear_in_features; 4: group_streamed_params
 
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
@@ -223,12 +223,12 @@ def _count(layout: PipelineLayout) -> dict[str, Any]:
                 f"config.json ({error_line(err)})"
             ) from err
         params, linear, by_width, kept = count_parameters(model)
-        resident = resident_params(model, library)
+        resident, streamed = resident_params(model, library)
         role = component_role(name)
         assert role is not None
         components.append(
             ComponentInventory(
-                name, role, library, class_name, params, linear, by_width, kept, resident
+                name, role, library, class_name, params, linear, by_width, kept, resident, streamed
             ).to_dict()
         )
     if not any(c["role"] == "denoiser" for c in components):

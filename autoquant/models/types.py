@@ -40,8 +40,10 @@ class ComponentInventory:
     # The subset of linear_params in the class's _keep_in_fp32_modules (T5's "wo"), which the
     # bitsandbytes and quanto quantizers leave unquantized.
     kept_linear_params: int
-    # What block-level group offload keeps on the device at once (models/groups.py).
+    # What block-level group offload keeps on the device at once, without and with CUDA streams
+    # (models/groups.py).
     group_resident_params: int
+    group_streamed_params: int
 
     def linear_params_in_blocks(self, block: int) -> int:
         """The nn.Linear weights whose in_features is a multiple of ``block``."""
@@ -64,6 +66,7 @@ class ComponentInventory:
             "linear_in_features": [list(pair) for pair in self.linear_in_features],
             "kept_linear_params": self.kept_linear_params,
             "group_resident_params": self.group_resident_params,
+            "group_streamed_params": self.group_streamed_params,
         }
 
 

@@ -36,7 +36,7 @@ _VAE_DECODE_PER_PIXEL = 2_500
 _ALLOCATOR_OVERHEAD = 1.01
 
 # Pipelines that run the denoiser on a doubled batch for classifier-free guidance.
-_CFG_FAMILIES = {"sd", "sdxl", "other"}
+CFG_FAMILIES = {"sd", "sdxl", "other"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def denoiser_activation_bytes(inventory: ModelInventory, request: Request, tier:
     latent_pixels = (request.width // inventory.vae_scale_factor) * (
         request.height // inventory.vae_scale_factor
     )
-    batch = request.batch * (2 if inventory.family in _CFG_FAMILIES else 1)
+    batch = request.batch * (2 if inventory.family in CFG_FAMILIES else 1)
     per_pixel = _ACTIVATION_PER_LATENT_PIXEL[kind]
     factor = _FP32_ACTIVATION_FACTOR if tier.compute_dtype == "fp32" else 1.0
     fmt = _format(tier)
@@ -169,12 +169,16 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
             return activation
         return decode if name == vae_name else 0
 
-    if on_gpu and "group_offload" in tier.memory_options:
+    if on_gpu and tier.streamed:
         # A component's groups hold about its share of the weight bytes: quantization shrinks
-        # the blocks' Linear layers and the unmatched groups' alike (models/groups.py).
+        # the blocks' Linear layers and the unmatched groups' alike (models/groups.py, which
+        # says what streams hold besides).
+        streams = tier.placement == "group_offload_streams"
+
         def resident(name: str, size: int) -> int:
             component = inventory.component(name)
-            return size * component.group_resident_params // max(component.params, 1)
+            held = component.group_streamed_params if streams else component.group_resident_params
+            return size * held // max(component.params, 1)
 
         peak = max(resident(name, size) + active(name) for name, size in sizes.items())
     elif on_gpu and "model_cpu_offload" in tier.memory_options:
@@ -183,6 +187,11 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         peak = sum(sizes.values()) + max(activation, decode)
     offloaded = on_gpu and tier.offloaded
     host = sum(sizes.values()) if offloaded else 0
+    if on_gpu and tier.placement == "group_offload_streams":
+        # Streams copy from pinned memory: diffusers pins a second host copy of every weight
+        # while setting them up, and the first is freed only after (diffusers' memory docs: 2-3x
+        # the model in RAM).
+        host *= 2
 
     fmt = _format(tier)
     load_peak = peak
@@ -191,9 +200,10 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         others = 0 if offloaded else sum(s for n, s in sizes.items() if n != denoiser)
         load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
     if offloaded and fmt is not None and fmt.quantizes_on_device:
-        # Measured: Flux-dev NF4 with T5 quantized and group offload peaked at 11.24 GB while
-        # loading, against 1.5 GB streaming.
-        load_peak = max(load_peak, sum(sizes[n] for n in tier.quantized_components if n in sizes))
+        # Quantized onto the GPU while loading, then moved to the CPU one component at a time
+        # (backends/base.py), so the largest one is the load peak. Loaded together, Flux-dev NF4
+        # with T5 quantized peaked at 11.24 GB while loading (docs/benchmarks.md).
+        load_peak = max([load_peak, *(sizes[n] for n in tier.quantized_components if n in sizes)])
     overhead = CUDA_CONTEXT_BYTES if on_gpu else CPU_RUNTIME_BYTES
     return Estimate(
         components=sizes,

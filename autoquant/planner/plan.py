@@ -1,5 +1,7 @@
-"""`plan(profile, model, rules, request) -> Plan`: walk the decision tree, check the choice fits,
-and lay out the fallback ladder. Pure: no I/O beyond reading the model's configs."""
+"""`plan(profile, model, rules, request) -> Plan`: price every tier that fits, choose by the
+objective (planner.optimize: the fastest plan at the fidelity asked for, or the design card's
+tree), and lay out the fallback ladder. Pure: no I/O beyond reading the model's configs and the
+shipped tables."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ from autoquant.core.units import format_bytes
 from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, estimate
 from autoquant.planner.facts import machine_facts
+from autoquant.planner.fidelity import fidelity_class, fidelity_rank
+from autoquant.planner.latency import Latency, predict
 from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
 from autoquant.probe.types import HardwareProfile
 
-# Memory options by what they cost in speed, cheapest first. Falling down the ladder tries every
-# tier at one cost before any tier at the next: model offload moves each component once per
-# generation, group offload streams the weights on every step. On an H200, a Flux-dev torchao
-# int8 transformer forward took 8.0 s with group offload, while with model offload a forward
-# costs what it does resident (quanto int8: 233 ms; gguf q5_1: 473 ms).
-_OFFLOAD_COSTS = (None, "model_cpu_offload", "group_offload")
+# The design card's order of memory options by what they cost in speed, cheapest first (the card
+# objective's ladder): falling down it tries every tier at one cost before any tier at the next:
+# model offload moves each component once per generation, group offload streams the weights on
+# every step. On an H200, a Flux-dev torchao int8 transformer forward took 8.0 s with group
+# offload, while with model offload a forward costs what it does resident (quanto int8: 233 ms;
+# gguf q5_1: 473 ms). The other objectives rank by the latency model instead.
+_OFFLOAD_COSTS = (None, "model_cpu_offload", "group_offload_streams", "group_offload")
 
 
 @dataclass(frozen=True)
@@ -32,18 +37,47 @@ class PlannedTier:
     estimate: Estimate
     fits: bool
     device_map: str | None = None  # "balanced": components spread over several GPUs
+    latency: Latency | None = None  # None: a format the latency model has no figure for here
+    fidelity: str = ""  # its fidelity class (planner/fidelity.py)
 
     @property
     def label(self) -> str:
         return self.tier.label + (" (balanced over GPUs)" if self.device_map else "")
+
+    @property
+    def seconds(self) -> float:
+        """Predicted seconds of one generation; unpriced tiers rank last."""
+        return self.latency.seconds if self.latency else float("inf")
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        """Each component's format, placement and weight bytes."""
+        backend = backend_class(self.tier.backend)
+        out: dict[str, dict[str, Any]] = {}
+        for name, size in self.estimate.components.items():
+            if name in self.tier.quantized_components:
+                precision = self.tier.precision
+                if name != self.tier.quantized_components[0]:  # a text encoder
+                    precision = backend.text_encoder_precision(precision)
+                fmt = f"{self.tier.backend} {precision}"
+            else:
+                fmt = (
+                    self.tier.compute_dtype
+                    if self.tier.backend != UNQUANTIZED
+                    else (self.tier.precision)
+                )
+            out[name] = {"format": fmt, "placement": self.tier.placement, "bytes": size}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.tier.to_dict(),
             "device_map": self.device_map,
             "fits": self.fits,
+            "fidelity": self.fidelity,
             "estimate_bytes": self.estimate.required_bytes,
             "estimate": self.estimate.to_dict(),
+            "latency": self.latency.to_dict() if self.latency else None,
+            "parts": self.parts(),
         }
 
 
@@ -63,6 +97,10 @@ class Plan:
     def forced(self) -> bool:
         """Whether the user forced the first tier (`--backend`, `force.backend`)."""
         return bool(self.settings["force"]["backend"])
+
+    @property
+    def objective(self) -> str:
+        return str(self.settings["planner"]["optimize"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +129,22 @@ class _Context:
     @property
     def on_gpu(self) -> bool:
         return self.profile.has_gpu
+
+    @property
+    def objective(self) -> str:
+        return str(self.settings["planner"]["optimize"])
+
+    def planned(self, tier: Tier, device_map: str | None = None) -> PlannedTier:
+        """``tier`` estimated, judged against the budget, priced and classed."""
+        est = estimate(self.inventory, tier, self.request, on_gpu=self.on_gpu)
+        return PlannedTier(
+            tier,
+            est,
+            _fits(self, est, device_map),
+            device_map,
+            predict(self.inventory, tier, self.request, est, self.profile),
+            fidelity_class(tier),
+        )
 
 
 def compute_dtype_for(profile: HardwareProfile, setting: str) -> str:
@@ -180,14 +234,25 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         out.append((tier, None, "with the text encoders quantized"))
     tier = tier.with_options("vae_slicing", "vae_tiling")
     out.append((tier, None, "with VAE slicing and tiling"))
-    if not ctx.on_gpu or base.backend == UNQUANTIZED:
+    # The card's tree quantizes before it offloads; priced by time, offloading the unquantized
+    # model competes too (Flux-dev bf16 streamed, against a 4-bit model resident).
+    if not ctx.on_gpu or (base.backend == UNQUANTIZED and ctx.objective == "card"):
         return out
     if len(ctx.profile.gpus) > 1 and ctx.settings["planner"]["allow_multi_gpu"]:
         out.append((tier, "balanced", f"spread over {len(ctx.profile.gpus)} GPUs"))
-    if ctx.settings["planner"]["allow_offload"] and backend.survives_model_offload:
-        out.append((tier.with_options("model_cpu_offload"), None, "with model CPU offload"))
-        if backend.survives_group_offload:
-            out.append((tier.with_options("group_offload"), None, "with group offload"))
+    if not ctx.settings["planner"]["allow_offload"]:
+        return out
+    changes = {
+        "model_cpu_offload": "with model CPU offload",
+        "group_offload_streams": "with group offload on CUDA streams",
+        "group_offload": "with group offload",
+    }
+    for option, change in changes.items():
+        # CUDA streams: not on MPS, whose group offload copies synchronously.
+        if option == "group_offload_streams" and ctx.profile.accelerator == "mps":
+            continue
+        if backend.survives(option):
+            out.append((tier.with_options(option), None, change))
     return out
 
 
@@ -232,8 +297,7 @@ def _fit(
     for tier, device_map, change in _variants(ctx, _base_tier(ctx, backend, precision)):
         if _offload_cost(tier) > max_offload_cost:
             break
-        est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
-        planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
+        planned = ctx.planned(tier, device_map)
         tried.append((planned, change))
         if planned.fits or not allow_shrink:
             break
@@ -284,23 +348,24 @@ def _precision_for(ctx: _Context, backend: str, *, say: bool = True) -> str:
     return precision
 
 
-def _choose(ctx: _Context) -> PlannedTier:
-    settings = ctx.settings
-    force = settings["force"]
-    if force["backend"]:
-        backend = force["backend"]
-        precision = force["precision"] or _precision_for(ctx, backend)
-        base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
-        est = estimate(ctx.inventory, base, ctx.request, on_gpu=ctx.on_gpu)
-        chosen = PlannedTier(base, est, _fits(ctx, est, None))
-        ctx.path.append(f"forced: {chosen.label}")
-        reason = _unusable_reason(ctx, backend, precision)
-        if reason:
-            ctx.path.append(f"warning: {backend} cannot run here ({reason}); it will be recorded")
-        if not chosen.fits:
-            ctx.path.append(f"warning: {_describe_fit(ctx, chosen)}; falling back on OOM")
-        return chosen
+def _forced(ctx: _Context) -> PlannedTier:
+    force = ctx.settings["force"]
+    backend = force["backend"]
+    precision = force["precision"] or _precision_for(ctx, backend)
+    base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
+    chosen = ctx.planned(base)
+    ctx.path.append(f"forced: {chosen.label}")
+    reason = _unusable_reason(ctx, backend, precision)
+    if reason:
+        ctx.path.append(f"warning: {backend} cannot run here ({reason}); it will be recorded")
+    if not chosen.fits:
+        ctx.path.append(f"warning: {_describe_fit(ctx, chosen)}; falling back on OOM")
+    return chosen
 
+
+def _card_choice(ctx: _Context) -> PlannedTier:
+    """The design card's tree: memory classes first, then the first variant that fits."""
+    settings = ctx.settings
     if settings["planner"]["skip_if_fits"] and ctx.on_gpu:
         unquantized = _fit(ctx, UNQUANTIZED, ctx.compute_dtype, allow_shrink=True).planned
         ctx.path.append(f"fits unquantized? {_describe_fit(ctx, unquantized)}")
@@ -335,7 +400,99 @@ def _choose(ctx: _Context) -> PlannedTier:
     )
 
 
-def _ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
+def _seconds(planned: PlannedTier) -> str:
+    return f"~{planned.seconds:.3g} s" if planned.latency else "not priced"
+
+
+def _priced(ctx: _Context) -> list[PlannedTier]:
+    """Every memory variant of every tier the plan space holds — unquantized at the compute
+    dtype, then the profile's ladder tiers that can run here — estimated and priced."""
+    bases = [(UNQUANTIZED, ctx.compute_dtype)]
+    skipped: list[str] = []
+    for backend, precision in ladder_entries(ctx.settings):
+        if backend == UNQUANTIZED or (backend, precision) in bases:
+            continue  # unquantized runs at the compute dtype; another dtype only costs speed
+        if _unusable_reason(ctx, backend, precision):
+            skipped.append(f"{backend} {precision}")
+        else:
+            bases.append((backend, precision))
+    if skipped:
+        ctx.path.append(f"left out what cannot run here: {', '.join(skipped)}")
+    return [
+        ctx.planned(tier, device_map)
+        for backend, precision in bases
+        for tier, device_map, _ in _variants(ctx, _base_tier(ctx, backend, precision))
+    ]
+
+
+def _timed_choice(ctx: _Context, priced: list[PlannedTier]) -> PlannedTier:
+    """Among the plans that fit, the one the objective asks for: the fastest (speed); the fastest
+    of the best fidelity class (quality); the fastest of the best class among the plans within
+    planner.balanced_slowdown of the fastest (balanced)."""
+    fitting = [p for p in priced if p.fits]  # unpriced ones rank last (PlannedTier.seconds)
+    if not fitting:
+        smallest = min(priced, key=lambda p: p.estimate.required_bytes)
+        raise AutoquantError(
+            f"no tier of {ctx.inventory.source.spec} fits the memory budget "
+            f"{format_bytes(ctx.budget)} at {ctx.request.width}x{ctx.request.height}: the "
+            f"smallest, {_describe_fit(ctx, smallest)}; use a smaller --size, a machine with "
+            "more memory, or force a tier with --backend/--precision"
+        )
+    by_time = sorted(fitting, key=lambda p: (p.seconds, p.estimate.required_bytes))
+    fastest = by_time[0]
+    objective = ctx.objective
+    ctx.path.append(
+        f"objective {objective}: {len(fitting)} of {len(priced)} plans fit; the fastest is "
+        f"{fastest.label} {_seconds(fastest)} ({fastest.fidelity} class)"
+    )
+    pool = by_time
+    if objective == "balanced":
+        slowdown = float(ctx.settings["planner"]["balanced_slowdown"])
+        limit = fastest.seconds * slowdown
+        pool = [p for p in by_time if p.seconds <= limit] or by_time
+        ctx.path.append(
+            f"balanced: {len(pool)} plans within {slowdown:g}x of it (<= {limit:.3g} s)"
+        )
+    if objective != "speed":
+        best = min(fidelity_rank(p.fidelity) for p in pool)
+        pool = [p for p in pool if fidelity_rank(p.fidelity) == best]
+    chosen = pool[0]
+    loading = (
+        f"; loading ~{chosen.latency.first_call_seconds:.0f} s the first time"
+        if chosen.latency
+        else ""
+    )
+    ctx.path.append(
+        f"→ {chosen.label}: {_seconds(chosen)} an image, {chosen.fidelity} class, needs "
+        f"~{format_bytes(chosen.estimate.required_bytes)} of {format_bytes(ctx.budget)}{loading}"
+    )
+    runner_up = next((p for p in by_time if p is not chosen), None)
+    if runner_up is not None:
+        ctx.path.append(
+            f"runner-up: {runner_up.label} {_seconds(runner_up)} ({runner_up.fidelity} class)"
+        )
+    return chosen
+
+
+def _timed_ladder(
+    ctx: _Context, chosen: PlannedTier, priced: list[PlannedTier]
+) -> tuple[PlannedTier, ...]:
+    """The chosen plan first, then each next-fastest plan that fits needing less memory than the
+    one before: what to fall back on after an out-of-memory."""
+    ladder = [chosen]
+    by_time = sorted(
+        (p for p in priced if p.fits), key=lambda p: (p.seconds, p.estimate.required_bytes)
+    )
+    while len(ladder) < ctx.settings["planner"]["ladder_length"]:
+        need = ladder[-1].estimate.required_bytes
+        smaller = next((p for p in by_time if p.estimate.required_bytes < need), None)
+        if smaller is None:
+            break
+        ladder.append(smaller)
+    return tuple(ladder)
+
+
+def _card_ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
     """The chosen tier first, then every smaller way to run that fits: the chosen tier's own
     memory-saving variants and the profile's ladder tiers, each needing less than the one before.
     """
@@ -351,8 +508,7 @@ def _ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
     # Every memory-saving variant of the chosen tier; of the others, the first variant that fits.
     for index, base in enumerate(bases):
         for tier, device_map, _ in _variants(ctx, base):
-            est = estimate(ctx.inventory, tier, ctx.request, on_gpu=ctx.on_gpu)
-            planned = PlannedTier(tier, est, _fits(ctx, est, device_map), device_map)
+            planned = ctx.planned(tier, device_map)
             if planned.fits:
                 candidates.append(planned)
                 if index:
@@ -410,8 +566,13 @@ def plan(
         f"budget: {where} × headroom {headroom:g} = {format_bytes(ctx.budget)}; compute dtype "
         f"{ctx.compute_dtype}; estimate for {request.width}x{request.height}, batch {request.batch}"
     )
-    chosen = _choose(ctx)
-    ladder = _ladder(ctx, chosen)
+    if ctx.objective == "card":
+        chosen = _forced(ctx) if settings["force"]["backend"] else _card_choice(ctx)
+        ladder = _card_ladder(ctx, chosen)
+    else:
+        priced = _priced(ctx)
+        chosen = _forced(ctx) if settings["force"]["backend"] else _timed_choice(ctx, priced)
+        ladder = _timed_ladder(ctx, chosen, priced)
     gpu = profile.primary_gpu
     device = profile.accelerator if profile.has_gpu else "cpu"
     if device == "rocm":

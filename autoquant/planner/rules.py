@@ -34,7 +34,10 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
     "force.backend": (str,),
     "force.precision": (str,),
 }
+# What decides among the plans that fit (planner/plan.py says how each one chooses).
+OBJECTIVES = ("speed", "balanced", "quality", "card")
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "planner.optimize": OBJECTIVES,
     "planner.compute_dtype": ("auto", *COMPUTE_DTYPES),
     "hardware.device": ("cuda", "cpu", "mps"),
     "priorities.quality": ("balanced", "quality_first"),
@@ -88,6 +91,7 @@ BATCH = Range(1, 1024, step=1)
 # Every numeric key of profiles/default.yaml; "section.*" covers each key of a section.
 RANGES: dict[str, Range] = {
     "planner.headroom": Range(0, 1, above_low=True),  # a fraction of free memory
+    "planner.balanced_slowdown": Range(1, 100),  # a ratio of predicted times
     "planner.ladder_length": Range(1, 100, step=1),
     "thresholds.*": Range(0, 100_000),  # GB of a card's memory
     "request.width": SIDE,

@@ -14,6 +14,7 @@ from autoquant.core import paths
 from autoquant.probe.types import CpuInfo
 
 CPUINFO = Path("/proc/cpuinfo")
+CGROUP = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,48 @@ class HostFacts:
 def probe_host() -> HostFacts:
     model, flags = parse_cpuinfo(_read_cpuinfo())
     memory = psutil.virtual_memory()
+    total, available = int(memory.total), int(memory.available)
+    limit = cgroup_memory_limit(CGROUP)
+    if limit is not None:  # a container: its limit, not the host's free memory, is what we have
+        total = min(total, limit.limit_bytes)
+        available = min(available, max(limit.limit_bytes - limit.used_bytes, 0))
     return HostFacts(
         cpu=CpuInfo(
             model=model or platform.processor() or platform.machine() or "unknown CPU",
             cores=usable_cores(),
             flags=flags,
         ),
-        ram_total_bytes=int(memory.total),
-        ram_available_bytes=int(memory.available),
+        ram_total_bytes=total,
+        ram_available_bytes=available,
         disk_free_bytes=disk_free_bytes(paths.cache_dir()),
     )
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    limit_bytes: int
+    used_bytes: int
+
+
+def cgroup_memory_limit(root: Path) -> CgroupMemory | None:
+    """This process's cgroup memory limit and use (cgroup v2's memory.max / memory.current, or
+    v1's memory.limit_in_bytes / memory.usage_in_bytes under ``root``); None where no limit is
+    set. Pinned host copies (group offload with streams) count against it, and a container is
+    killed past it however much the host has free (PKU-YuanGroup/Helios#141)."""
+    for limit_file, used_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            raw = (root / limit_file).read_text().strip()
+            used = int((root / used_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        # v2 writes "max" for no limit; v1 writes a huge page-aligned number instead.
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
+            return None
+        return CgroupMemory(int(raw), used)
+    return None
 
 
 def parse_cpuinfo(text: str) -> tuple[str | None, tuple[str, ...]]:

@@ -1,0 +1,275 @@
+"""The latency model: predicted seconds for one image of a planned tier on a target machine, from
+parameter counts, the request, the tier's format and placement, and measured calibration
+(profiles/latency.yaml, which names the measurement behind every figure).
+
+An image costs its denoising steps (each a forward at the format's measured speed, plus the
+weights streamed per step under group offload), the weights swapped in and out once under model
+CPU offload, text encoding and the VAE's decode. Loading (reading, quantizing, GGUF's one-time
+conversion) is predicted apart, as the first call's cost: the choice ranks what a user waits for
+each image once the pipeline is up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import yaml
+
+from autoquant.backends import UNQUANTIZED
+from autoquant.backends.tier import Tier
+from autoquant.core.errors import ConfigError
+from autoquant.core.paths import profiles_dir
+from autoquant.core.units import GB
+from autoquant.models.types import ModelInventory
+from autoquant.planner.estimate import CFG_FAMILIES, Estimate, Request
+from autoquant.probe.gpu_table import GpuSpec, find_gpu, spec_for
+from autoquant.probe.types import CpuInfo, HardwareProfile
+
+CALIBRATION_FILE = "latency.yaml"
+# Tokens each text encoder reads: CLIP's 77; T5's 512 (Flux's max_sequence_length).
+_TOKENS = {"CLIPTextModel": 77, "CLIPTextModelWithProjection": 77}
+_T5_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Predicted seconds of one generation (``request.batch`` images) of one tier."""
+
+    step_seconds: float  # one denoising step: the forward, and any weights streamed for it
+    steps: int
+    swap_seconds: float  # model CPU offload's moves, once per generation
+    text_seconds: float
+    vae_seconds: float
+    first_call_seconds: float  # loading and quantizing (GGUF's conversion too, when not cached)
+    basis: str  # what the figures are scaled from, in words
+
+    @property
+    def seconds(self) -> float:
+        """One generation, loading excluded."""
+        return (
+            self.steps * self.step_seconds
+            + self.swap_seconds
+            + self.text_seconds
+            + self.vae_seconds
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "step_seconds": round(self.step_seconds, 4),
+            "steps": self.steps,
+            "swap_seconds": round(self.swap_seconds, 3),
+            "text_seconds": round(self.text_seconds, 3),
+            "vae_seconds": round(self.vae_seconds, 3),
+            "first_call_seconds": round(self.first_call_seconds, 1),
+            "basis": self.basis,
+        }
+
+
+@cache
+def calibration() -> dict[str, Any]:
+    """profiles/latency.yaml, read once."""
+    path = profiles_dir() / CALIBRATION_FILE
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the latency calibration: {err}") from None
+    if not isinstance(data, dict) or not {"gpu", "cpu"} <= set(data):
+        raise ConfigError(f"{path}: the latency calibration needs 'gpu' and 'cpu' sections")
+    return data
+
+
+def cpu_kind(cpu: CpuInfo) -> str:
+    """The calibration's CPU kind: "amx", "avx512" or "avx2"."""
+    flags = set(cpu.flags)
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
+def _denoiser_kind(inventory: ModelInventory) -> str:
+    return "transformer" if "Transformer" in inventory.denoiser.class_name else "unet"
+
+
+def _step_units(inventory: ModelInventory, request: Request) -> float:
+    latent = (request.width // inventory.vae_scale_factor) * (
+        request.height // inventory.vae_scale_factor
+    )
+    batch = request.batch * (2 if inventory.family in CFG_FAMILIES else 1)
+    return float(inventory.denoiser.params) * latent * batch
+
+
+def _text_units(inventory: ModelInventory, request: Request) -> float:
+    return float(
+        sum(
+            c.params * _TOKENS.get(c.class_name, _T5_TOKENS) * request.batch
+            for c in inventory.text_encoders
+        )
+    )
+
+
+def _vae_units(inventory: ModelInventory, request: Request) -> float:
+    vae = inventory.vae
+    return float(vae.params) * request.width * request.height * request.batch if vae else 0.0
+
+
+def _format_key(tier: Tier) -> str:
+    return f"{tier.backend} {tier.precision}"
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    """The target card's speed against the reference card's."""
+
+    slowdown: float  # the reference's dense tensor throughput ÷ the target's
+    pinned_gb_s: float
+    basis: str
+
+
+def _gpu_speed(profile: HardwareProfile, compute_dtype: str) -> _Gpu:
+    figures = calibration()["gpu"]
+    reference = find_gpu(figures["reference"])
+    transfers = figures["transfers"]
+    gpu = profile.primary_gpu
+    spec: GpuSpec | None = spec_for(gpu) if gpu is not None else None
+    throughput = "bf16_tflops" if compute_dtype == "bf16" else "fp16_tflops"
+    own = getattr(spec, throughput) if spec else None
+    ours = getattr(reference, throughput)
+    if spec is not None and spec.name == reference.name:
+        slowdown, basis = 1.0, f"measured on an {reference.aliases[0]}"
+    elif own:
+        slowdown = ours / own
+        basis = (
+            f"{reference.aliases[0]} measurements scaled by dense {compute_dtype} throughput "
+            f"({ours:g} against {spec.aliases[0] if spec else '?'}'s {own:g} TFLOP/s)"
+        )
+    else:
+        named = spec.aliases[0] if spec and spec.aliases else (gpu.name if gpu else "this GPU")
+        slowdown = 1.0
+        basis = (
+            f"{named}'s throughput is not in profiles/gpus.yaml: times are an "
+            f"{reference.aliases[0]}'s (compare plans, not seconds)"
+        )
+    pinned = float(transfers["pinned_gb_s"])
+    gen = spec.pcie_gen if spec else None
+    if gen:
+        pinned /= 2.0 ** max(int(transfers["pinned_pcie_gen"]) - gen, 0)
+    return _Gpu(slowdown, pinned, basis)
+
+
+def _gpu_latency(
+    inventory: ModelInventory,
+    tier: Tier,
+    request: Request,
+    est: Estimate,
+    profile: HardwareProfile,
+) -> Latency | None:
+    figures = calibration()["gpu"]
+    kind = _denoiser_kind(inventory)
+    factor = figures["format_factors"][kind].get(_format_key(tier))
+    if factor is None:
+        return None
+    speed = _gpu_speed(profile, tier.compute_dtype)
+    per_unit = figures["seconds_per_unit"]
+    compute = _step_units(inventory, request) * per_unit[kind] * factor * speed.slowdown
+    transfers = figures["transfers"]
+    denoiser_bytes = est.components[inventory.denoiser.name]
+    others = est.weights_bytes - denoiser_bytes
+    compute = max(compute, figures["step_floor_seconds"])
+    step, swap = compute, 0.0
+    if tier.placement == "group_offload":
+        step = compute + denoiser_bytes / (transfers["group_offload_gb_s"] * GB)
+        swap = others / (transfers["group_offload_gb_s"] * GB)
+    elif tier.placement == "group_offload_streams":
+        # Each block is copied from pinned memory beside the compute, which barely hides it
+        # (profiles/latency.yaml). The text encoders stream leaf by leaf; the VAE streams
+        # without CUDA streams (execute/build.py says why).
+        copy = denoiser_bytes / (speed.pinned_gb_s * GB)
+        step = (compute + copy) * transfers["stream_overhead"][kind]
+        vae_bytes = est.components[inventory.vae.name] if inventory.vae else 0
+        swap = (others - vae_bytes) / (transfers["leaf_stream_gb_s"] * GB)
+        swap += vae_bytes / (transfers["group_offload_gb_s"] * GB)
+    elif tier.placement == "model_cpu_offload":
+        step = compute * figures["model_offload_step_factor"][kind]
+        swap = est.weights_bytes / (transfers["model_offload_gb_s"] * GB)
+    text = _text_units(inventory, request) * per_unit["text_encoder"] * speed.slowdown
+    vae = _vae_units(inventory, request) * per_unit["vae"] * speed.slowdown
+    vae = max(vae, figures["image_floor_seconds"])
+    return Latency(
+        step_seconds=step,
+        steps=request.steps,
+        swap_seconds=swap,
+        text_seconds=text,
+        vae_seconds=vae,
+        first_call_seconds=first_call_seconds(inventory, tier, pinned_bytes=est.host_bytes // 2)
+        if tier.placement == "group_offload_streams"
+        else first_call_seconds(inventory, tier),
+        basis=speed.basis,
+    )
+
+
+def _cpu_latency(
+    inventory: ModelInventory, tier: Tier, request: Request, profile: HardwareProfile
+) -> Latency | None:
+    figures = calibration()["cpu"]
+    dtype = "fp32" if tier.compute_dtype == "fp32" else "bf16"  # fp16 on a CPU runs as bf16 does
+    kind = cpu_kind(profile.cpu)
+    factor = 1.0
+    if tier.backend != UNQUANTIZED:
+        factor = figures["format_factors"][dtype].get(_format_key(tier))
+        if factor is None:
+            return None  # not a CPU format (bitsandbytes is refused there)
+    cores = max(profile.cpu.cores, 1)
+    per_unit = figures["seconds_per_unit"][kind][dtype] / cores
+    # The VAE's calibration is the amx Xeon's: other kinds scale as the UNet does.
+    measured = figures["seconds_per_unit"]["amx"][dtype]
+    vae_per_unit = figures["vae_seconds_per_unit"][dtype] / cores * (per_unit * cores / measured)
+    where = f"{kind} CPU, {cores} cores"
+    return Latency(
+        step_seconds=max(
+            _step_units(inventory, request) * per_unit * factor, figures["step_floor_seconds"]
+        ),
+        steps=request.steps,
+        swap_seconds=0.0,
+        text_seconds=_text_units(inventory, request) * per_unit,
+        vae_seconds=max(
+            _vae_units(inventory, request) * vae_per_unit, figures["image_floor_seconds"]
+        ),
+        first_call_seconds=first_call_seconds(inventory, tier),
+        basis=f"measured on a 2-vCPU Xeon (amx) and scaled to this {where}",
+    )
+
+
+def first_call_seconds(
+    inventory: ModelInventory, tier: Tier, *, converted: bool = False, pinned_bytes: int = 0
+) -> float:
+    """Loading one tier: reading the bf16 files, quantizing what the tier quantizes, pinning
+    ``pinned_bytes`` of host copies for streams, and GGUF's conversion unless ``converted`` (it
+    is cached after the first)."""
+    figures = calibration()["gpu"]["first_call"]
+    dense_gb = inventory.params * 2 / GB
+    quantized_gb = (
+        sum(inventory.component(name).params for name in tier.quantized_components) * 2 / GB
+    )
+    seconds = dense_gb / figures["read_gb_s"]
+    seconds += quantized_gb * figures["quantize_s_per_gb"][tier.backend]
+    seconds += pinned_bytes / GB / figures["pin_gb_s"]
+    if tier.backend == "gguf" and not converted:
+        seconds += inventory.denoiser.params * 2 / GB * figures["convert_s_per_gb"][tier.precision]
+    return seconds
+
+
+def predict(
+    inventory: ModelInventory,
+    tier: Tier,
+    request: Request,
+    est: Estimate,
+    profile: HardwareProfile,
+) -> Latency | None:
+    """Predicted seconds of ``tier`` on the machine ``profile`` describes; None for a format the
+    calibration has no figure for on that kind of device (it is then not ranked by time)."""
+    if profile.has_gpu:
+        return _gpu_latency(inventory, tier, request, est, profile)
+    return _cpu_latency(inventory, tier, request, profile)
