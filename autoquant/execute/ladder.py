@@ -94,7 +94,7 @@ class Result:
                 "description": get_backend(self.chosen.tier.backend).describe(self.chosen.tier),
                 "fidelity": self.chosen.fidelity,
                 "objective": self.plan.objective,
-                "parts": self.chosen.parts(),
+                "parts": self.chosen.parts,
             },
             # The latency model's prediction for this tier (planner/latency.py); `generation`
             # (written by the caller that generates) holds the measured seconds beside it.

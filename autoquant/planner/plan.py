@@ -5,7 +5,7 @@ shipped tables."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autoquant.backends import UNQUANTIZED, backend_class
@@ -39,6 +39,8 @@ class PlannedTier:
     device_map: str | None = None  # "balanced": components spread over several GPUs
     latency: Latency | None = None  # None: a format the latency model has no figure for here
     fidelity: str = ""  # its fidelity class (planner/fidelity.py)
+    # Each component's format, placement and weight bytes (_parts).
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -49,25 +51,6 @@ class PlannedTier:
         """Predicted seconds of one generation; unpriced tiers rank last."""
         return self.latency.seconds if self.latency else float("inf")
 
-    def parts(self) -> dict[str, dict[str, Any]]:
-        """Each component's format, placement and weight bytes."""
-        backend = backend_class(self.tier.backend)
-        out: dict[str, dict[str, Any]] = {}
-        for name, size in self.estimate.components.items():
-            if name in self.tier.quantized_components:
-                precision = self.tier.precision
-                if name != self.tier.quantized_components[0]:  # a text encoder
-                    precision = backend.text_encoder_precision(precision)
-                fmt = f"{self.tier.backend} {precision}"
-            else:
-                fmt = (
-                    self.tier.compute_dtype
-                    if self.tier.backend != UNQUANTIZED
-                    else (self.tier.precision)
-                )
-            out[name] = {"format": fmt, "placement": self.tier.placement, "bytes": size}
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.tier.to_dict(),
@@ -77,7 +60,7 @@ class PlannedTier:
             "estimate_bytes": self.estimate.required_bytes,
             "estimate": self.estimate.to_dict(),
             "latency": self.latency.to_dict() if self.latency else None,
-            "parts": self.parts(),
+            "parts": self.parts,
         }
 
 
@@ -144,7 +127,31 @@ class _Context:
             device_map,
             predict(self.inventory, tier, self.request, est, self.profile),
             fidelity_class(tier),
+            _parts(self.inventory, tier, est),
         )
+
+
+def _parts(inventory: ModelInventory, tier: Tier, est: Estimate) -> dict[str, dict[str, Any]]:
+    """What each component of ``tier`` is: its format (the backend's precision where the tier
+    quantizes it, else the dtype the backend loads it in), its placement and its weight bytes."""
+    backend = backend_class(tier.backend)
+    out: dict[str, dict[str, Any]] = {}
+    for component in inventory.components:
+        if component.name in tier.quantized_components:
+            precision = tier.precision
+            if component.role == "text_encoder":
+                precision = backend.text_encoder_precision(precision)
+            fmt = f"{tier.backend} {precision}"
+        elif component.role == "vae":
+            fmt = backend.vae_dtype(tier.precision, tier.compute_dtype)
+        else:
+            fmt = backend.load_dtype(tier.precision, tier.compute_dtype)
+        out[component.name] = {
+            "format": fmt,
+            "placement": tier.placement,
+            "bytes": est.components[component.name],
+        }
+    return out
 
 
 def compute_dtype_for(profile: HardwareProfile, setting: str) -> str:

@@ -9,6 +9,7 @@ naming the file, the entry's line and the key.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ GpuTable = Sequence[GpuSpec]
 
 def table_path() -> Path:
     return profiles_dir() / TABLE_FILE
+
+
+@functools.cache
+def _table_at(path: Path) -> tuple[GpuSpec, ...]:
+    """A table read once per process: the planner looks cards up for every plan it prices."""
+    return load_gpu_table(path)
 
 
 def load_gpu_table(path: Path | None = None) -> tuple[GpuSpec, ...]:
@@ -158,7 +165,7 @@ def _figure(value: Any, key: str, where: str, *, whole: bool) -> Any:
 def find_gpu(name: str, table: GpuTable | None = None) -> GpuSpec:
     """The card ``name`` names (its reported name or an alias, in any case); an unknown name is
     one line with the closest names."""
-    table = table if table is not None else load_gpu_table()
+    table = table if table is not None else _table_at(table_path())
     wanted = name.strip().casefold()
     for spec in table:
         if wanted in (label.casefold() for label in spec.labels):
@@ -179,6 +186,6 @@ def spec_for(gpu: GpuInfo, table: GpuTable | None = None) -> GpuSpec | None:
     """The table's row for a probed (or emulated) card, by the name its driver reports; None for
     a card the table lacks. Memory is not compared: a card capped by --vram-limit is the same card.
     """
-    table = table if table is not None else load_gpu_table()
+    table = table if table is not None else _table_at(table_path())
     reported = gpu.name.strip().casefold()
     return next((spec for spec in table if spec.name.casefold() == reported), None)
