@@ -468,3 +468,35 @@ def test_a_tier_timed_at_another_step_count_says_so() -> None:
     record = _record("quanto:int8", peak=0.6, ms=10.0, error=1e-2)
     assert _e2e_cell(record, steps=4) == "0.04"
     assert _e2e_cell(record, steps=50) == "0.04 (4 steps)"
+
+
+def test_planned_tiers_are_each_budgets_ladder_and_run_where_they_can() -> None:
+    from autoquant.bench.budgets import planned_tiers
+    from autoquant.models import inventory, resolve
+    from autoquant.planner import load_settings, plan
+    from autoquant.planner.estimate import Request
+    from autoquant.probe import emulate
+
+    inv = inventory(resolve("builtin:sdxl"))
+    request = Request(1024, 1024, 1, 20)
+    gpu = made_up_machine(cpu="bf16", device="cuda", vram=80 * GB, compute_capability="9.0")
+    budgets = [4.0, 8.0, 24.0]
+    planned = planned_tiers(gpu, inv, load_settings(), request, budgets)
+    for budget in budgets:  # every budget's choice and fallbacks are in the sweep
+        card = emulate(gpu, vram=int(budget * GB), device="cuda")
+        for entry in plan(card, inv, load_settings(), request).ladder:
+            assert TierSpec.of_tier(entry.tier) in planned
+    assert len(planned) == len(set(planned))
+    assert all(TierSpec.parse(spec.name) == spec for spec in planned)
+    assert any(spec.offloaded for spec in planned)  # 4 GB needs offloading
+    # On the GPU the keyword and explicit tiers combine, in order, without duplicates.
+    both = bench_command.selected_tiers(
+        "planned,none:fp32", profile=gpu, inventory=inv, request=request, budgets=budgets
+    )
+    assert both == [*planned, TierSpec("none", "fp32")]
+    # On a CPU only what runs there is swept: no bitsandbytes, nothing offloaded.
+    cpu = made_up_machine(cpu="bf16")
+    on_cpu = bench_command.selected_tiers(
+        "planned", profile=cpu, inventory=inv, request=request, budgets=budgets
+    )
+    assert on_cpu and all(s.backend != "bitsandbytes" and not s.offloaded for s in on_cpu)

@@ -141,7 +141,9 @@ def test_oom_during_generation_turns_on_memory_options_then_moves_down(
 def test_load_returns_a_pipeline_with_its_report() -> None:
     pipe = autoquant.load("builtin:tiny-sd", device="cpu", progress=False, use_cache=False)
     report = pipe.autoquant_report
-    assert report["chosen"]["backend"] == "gguf"
+    # On a CPU whose RAM holds it, the unquantized model at the CPU's best dtype is the plan.
+    assert report["chosen"]["backend"] == "none"
+    assert report["predicted"]["seconds"] > 0 and report["chosen"]["objective"] == "balanced"
     assert {"chosen", "tried", "probe", "plan", "measured"} <= set(report)
     image = pipe("a cat", num_inference_steps=2, width=64, height=64).images[0]
     assert image.size == (64, 64)

@@ -130,8 +130,24 @@ def test_resolve_folder_without_model_index(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
         resolve(str(tmp_path))
     (tmp_path / "weights.safetensors").write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match="is a file"):
+    with pytest.raises(ModelNotFoundError, match=r"is a file.*from_single_file"):
         resolve(str(tmp_path / "weights.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.BIN", "unet.pt", "vae.pth"])
+def test_a_pickled_checkpoint_is_refused_before_anything_reads_it(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autoquant.cli.main import main
+
+    checkpoint = tmp_path / name
+    checkpoint.write_bytes(b"not to be unpickled")
+    with pytest.raises(ModelNotFoundError, match=r"pickled checkpoint.*only safetensors"):
+        resolve(str(checkpoint))
+    assert main(["plan", "-m", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "pickled checkpoint" in err and err.count("\n") == 1
+    assert checkpoint.read_bytes() == b"not to be unpickled"
 
 
 def test_resolve_hub_id_and_bare_words() -> None:

@@ -168,7 +168,7 @@ def test_cache_list_show_clear(fresh_cache: Path, capsys: pytest.CaptureFixture[
     key = _tune().cache["key"]
     assert main(["cache", "list"]) == 0 and key in capsys.readouterr().out
     assert main(["cache", "show", key]) == 0
-    assert json.loads(capsys.readouterr().out)["chosen"]["backend"] == "gguf"
+    assert json.loads(capsys.readouterr().out)["chosen"]["backend"] == "none"
     assert main(["cache", "show", "nope"]) == 2
     assert main(["cache", "clear", key]) == 0
     assert TuningStore().entries() == {}

@@ -65,6 +65,10 @@ class TierSpec:
             compile=COMPILE in extras,
         )
 
+    @property
+    def offloaded(self) -> bool:
+        return any(o in OFFLOAD_OPTIONS for o in self.memory_options)
+
     @classmethod
     def of_tier(cls, tier: Tier) -> TierSpec:
         """The spec of a planned tier (what the planner chose), for matching measured tiers."""

@@ -192,6 +192,30 @@ def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[st
     return out
 
 
+def planned_tiers(
+    profile: HardwareProfile,
+    inventory: ModelInventory,
+    settings: dict[str, Any],
+    request: Request,
+    budgets_gb: list[float],
+) -> list[TierSpec]:
+    """Every plan of the planner's ladder at each budget (a card of that size emulated on this
+    machine's probe), in budget order, duplicates dropped: the plan space `--tiers planned`
+    sweeps, so that each budget's choice and its fallbacks are measured beside the fixed tiers."""
+    specs: list[TierSpec] = []
+    for budget in budgets_gb:
+        card = emulate(profile, vram=int(budget * GB), device="cuda")
+        try:
+            the_plan = plan(card, inventory, settings, request)
+        except AutoquantError:
+            continue  # nothing fits this budget
+        for entry in the_plan.ladder:
+            spec = TierSpec.of_tier(entry.tier)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
 def confirm_targets(rows: list[dict[str, Any]]) -> list[tuple[float, str]]:
     """(budget, tier) pairs to rerun under a real cap: each budget's edge tier, once, at the
     smallest budget where it is the edge (the tightest test of it)."""

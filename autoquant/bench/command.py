@@ -39,6 +39,7 @@ from autoquant.bench.budgets import (
     confirm_targets,
     fit_bytes,
     parse_budgets,
+    planned_tiers,
     record_estimate,
     record_tier,
 )
@@ -46,6 +47,7 @@ from autoquant.bench.report import write_reports
 from autoquant.bench.tier_run import TIERS_DIR, estimate_error_pct, tier_result_path
 from autoquant.cli.args import positive_int, width_height
 from autoquant.core.console import progress_log
+from autoquant.core.errors import AutoquantError
 from autoquant.core.fsutil import write_text_atomic
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request
@@ -70,10 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tiers",
         default="all",
-        help="all (every backend/precision usable here, per the probe) or a list like "
+        help="a list of: all (every backend/precision usable here, per the probe), planned "
+        "(every plan of the planner's ladder at each budget), or tiers like "
         "none:bf16,gguf:q4_0,quanto:int8+te,none:bf16+model_cpu_offload; extras: te "
         "(quantized text encoders), compile, vae_slicing, vae_tiling, attention_slicing, "
-        "model_cpu_offload, group_offload",
+        "model_cpu_offload, group_offload_streams, group_offload",
     )
     p.add_argument(
         "--budgets",
@@ -173,6 +176,39 @@ def run_child(command: list[str], timeout: float | None) -> ChildOutcome:
     )
 
 
+def selected_tiers(
+    text: str,
+    *,
+    profile: HardwareProfile,
+    inventory: ModelInventory,
+    request: Request,
+    budgets: list[float],
+) -> list[TierSpec]:
+    """`--tiers`: each item a tier spec, `all` (usable_tiers) or `planned` (planned_tiers, the
+    plans the planner proposes at the budgets, less those that cannot run on this device), in
+    the order given, duplicates dropped."""
+    from autoquant.planner.rules import load_settings
+
+    specs: list[TierSpec] = []
+    for item in (i.strip() for i in text.split(",")):
+        if item == "all":
+            found = usable_tiers(profile)
+        elif item == "planned":
+            runs_here = set(usable_tiers(profile))
+            found = [
+                s
+                for s in planned_tiers(profile, inventory, load_settings(), request, budgets)
+                if dataclasses.replace(s, text_encoders=False, memory_options=()) in runs_here
+                and (profile.has_gpu or not s.offloaded)
+            ]
+        else:
+            found = parse_tier_list(item) if item else []
+        specs += [s for s in found if s not in specs]
+    if not specs:
+        raise AutoquantError(f"--tiers {text!r} names no tier that can run here")
+    return specs
+
+
 def usable_tiers(profile: HardwareProfile) -> list[TierSpec]:
     """`--tiers all`: every backend/precision the probe says can run here."""
     gpu = profile.primary_gpu if profile.has_gpu else None
@@ -232,7 +268,10 @@ def _prepare(args: argparse.Namespace) -> _Sweep:
     compute_dtype = compute_dtype_for(profile, load_settings()["planner"]["compute_dtype"])
     # The reference: bf16 (the card's compute dtype) on a GPU; fp32 on the CPU.
     reference = TierSpec(UNQUANTIZED, compute_dtype if device != "cpu" else "fp32")
-    specs = usable_tiers(profile) if args.tiers.strip() == "all" else parse_tier_list(args.tiers)
+    budgets = parse_budgets(args.budgets)
+    specs = selected_tiers(
+        args.tiers, profile=profile, inventory=inventory, request=request, budgets=budgets
+    )
     if args.compile:
         specs = [dataclasses.replace(s, compile=True) for s in specs]
     return _Sweep(
@@ -244,7 +283,7 @@ def _prepare(args: argparse.Namespace) -> _Sweep:
         compute_dtype=compute_dtype,
         reference=reference,
         specs=[reference, *(s for s in specs if s != reference)],
-        budgets=parse_budgets(args.budgets),
+        budgets=budgets,
         deadline=started + args.time_limit if args.time_limit else None,
     )
 

@@ -22,6 +22,8 @@ BUILTIN_PREFIX = "builtin:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Specs ending like this are files someone meant to pass, never hub repos.
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".gguf", ".json")
+# Checkpoints saved with torch.save: unpickling one can run any code it carries.
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_CONNECT_TIMEOUT_S = 3.0
 # Only configs, tokenizer files and safetensors weights of the pipeline's component folders:
 # never pickles, never root-level single-file checkpoints, never the fp16/EMA duplicates.
@@ -65,9 +67,16 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _pipeline_folder(path: Path) -> Path:
+    if not path.is_dir() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelNotFoundError(
+            f"{path} is a pickled checkpoint, and autoquant loads only safetensors (unpickling "
+            "can run code the file carries): where you trust it, convert it once with diffusers' "
+            "from_single_file(...).save_pretrained(FOLDER) and pass the folder"
+        )
     if not path.is_dir():
         raise ModelNotFoundError(
-            f"{path} is a file: pass a diffusers folder (with model_index.json)"
+            f"{path} is a file: pass a diffusers folder (with model_index.json); a single-file "
+            "checkpoint loads with diffusers' from_single_file(...).save_pretrained(FOLDER)"
         )
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
