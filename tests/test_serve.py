@@ -205,6 +205,49 @@ def test_health_report_and_docs(server: Server) -> None:
     assert (width["anyOf"][0]["minimum"], width["anyOf"][0]["maximum"]) == (64, 2048)
 
 
+def test_the_official_openai_client_lists_the_model_and_generates(server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    served = [model.id for model in client.models.list().data]
+    assert served == ["builtin:tiny-sd"]
+    result = client.images.generate(
+        model=served[0], prompt="a lighthouse", n=2, size="64x64", response_format="b64_json"
+    )
+    assert len(result.data) == 2
+    images = [base64.b64decode(item.b64_json or "") for item in result.data]
+    assert all(_png_size(image) == (64, 64) for image in images)
+    assert images[0] != images[1]  # two images of one prompt, not one twice
+    # The tuned size when none is asked for, and the model may be left out.
+    default = client.images.generate(prompt="a lighthouse", response_format="b64_json")
+    assert _png_size(base64.b64decode(default.data[0].b64_json or "")) == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "param"),
+    [
+        ({"response_format": "url"}, "BadRequestError", "response_format"),
+        ({"size": "1004x64"}, "BadRequestError", "size"),
+        ({"size": "big"}, "BadRequestError", "size"),
+        ({"n": 99}, "BadRequestError", "n"),
+        ({"model": "dall-e-3"}, "NotFoundError", "model"),
+    ],
+)
+def test_openai_errors_have_openais_shape(
+    server: Server, kwargs: dict[str, Any], error: str, param: str
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(getattr(openai, error)) as raised:
+        client.images.generate(prompt="a lighthouse", **kwargs)
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == param and body["message"]
+    assert body["type"] == "invalid_request_error"
+    raw = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", **kwargs})
+    assert set(raw.json()) == {"error"}
+
+
 def test_concurrent_requests_are_batched_and_keep_their_seeds(server: Server) -> None:
     quick = {"steps": 2, "width": 64, "height": 64}
     with ThreadPoolExecutor(8) as pool:

@@ -1,5 +1,5 @@
-"""The HTTP API in front of the worker: `POST /generate`, `GET /health`, `/report`, `/metrics`
-and the OpenAPI docs at `/docs`."""
+"""The HTTP API in front of the worker: `POST /generate`, `GET /health`, `/report`, `/metrics`,
+the OpenAI images API (serve/openai_api.py) and the OpenAPI docs at `/docs`."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.serve import metrics as metrics_text
 from autoquant.serve.metrics import Metrics
+from autoquant.serve.openai_api import OPENAI_IMAGES_PATH, Failure, add_openai_routes
 from autoquant.serve.report import redact_paths
 from autoquant.serve.schema import (
     MAX_BODY_BYTES,
     MAX_SEED,
     GenerateRequest,
+    Generation,
     SizeLimits,
     request_model,
     resolve,
@@ -97,9 +99,10 @@ def _unavailable(reason: str, retry_after: int) -> JSONResponse:
 
 
 class GenerateGate:
-    """ASGI middleware in front of `POST /generate`: a body over ``max_body`` bytes is refused
-    with 413 before anything reads it whole or parses it, and every answer is counted by the
-    status it really had (one the app never sent, because it raised, counts as 500)."""
+    """ASGI middleware in front of `POST /generate` and the OpenAI images endpoint: a body over
+    ``max_body`` bytes is refused with 413 before anything reads it whole or parses it, and
+    every answer is counted by the status it really had (one the app never sent, because it
+    raised, counts as 500)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -107,7 +110,7 @@ class GenerateGate:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/generate":
+        if scope["type"] != "http" or scope["path"] not in ("/generate", OPENAI_IMAGES_PATH):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -259,35 +262,46 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
 
     app.add_middleware(GenerateGate, metrics=metrics)
 
-    async def generate(body: GenerateRequest, request: Request) -> Response:
+    async def run(generation: Generation, request: Request) -> list[Image] | Failure:
+        """Queue one generation and wait for its images, or say why there are none."""
         if worker.state != READY:
-            return _unavailable(f"not ready: {worker.state}", retry_after())
-        width, height = worker.default_size
-        generation = resolve(body, width, height, seed=secrets.randbelow(MAX_SEED + 1))
+            return Failure(503, f"not ready: {worker.state}")
         refusal = worker.refusal(generation)
         if refusal is not None:
-            errors = [{"field": "body", "message": refusal.detail}]
-            return JSONResponse(
-                {"detail": refusal.detail, "errors": errors}, status_code=refusal.status
-            )
+            return Failure(refusal.status, refusal.detail, field="body")
         try:
             future = worker.submit(generation)
         except QueueFullError:
-            return _unavailable("queue full", retry_after())
+            return Failure(503, "queue full")
         except NotAcceptingError as err:
-            return _unavailable(f"not ready: {err.state}", retry_after())
+            return Failure(503, f"not ready: {err.state}")
         answer = await _answer_or_gone(future, request.receive)
         if answer is None:
             worker.cancel(future)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return Failure(CLIENT_CLOSED_REQUEST, "the client left")
         try:
-            images = answer.result()
+            return answer.result()
         except AbortedError:
-            return _unavailable("aborted: the server is shutting down", retry_after())
+            return Failure(503, "aborted: the server is shutting down")
         except NotAcceptingError as err:  # the worker stopped before it ran this request
-            return _unavailable(f"not ready: {err.state}", retry_after())
+            return Failure(503, f"not ready: {err.state}")
         except AutoquantError as err:  # out of memory on the last tier: the request is too big
-            return JSONResponse({"detail": redact_paths(str(err))}, status_code=507)
+            return Failure(507, redact_paths(str(err)))
+
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        width, height = worker.default_size
+        generation = resolve(body, width, height, seed=secrets.randbelow(MAX_SEED + 1))
+        outcome = await run(generation, request)
+        if isinstance(outcome, Failure):
+            if outcome.status == CLIENT_CLOSED_REQUEST:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            if outcome.status == 503:
+                return _unavailable(outcome.detail, retry_after())
+            body_: dict[str, Any] = {"detail": outcome.detail}
+            if outcome.field:
+                body_["errors"] = [{"field": outcome.field, "message": outcome.detail}]
+            return JSONResponse(body_, status_code=outcome.status)
+        images = outcome
         headers = {"X-Seed": str(generation.seed)}
         if generation.n == 1:
             png = await asyncio.to_thread(_png, images[0])
@@ -313,6 +327,15 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
         response_class=Response,
         responses=_GENERATE_RESPONSES,
         summary="Generate images for a prompt",
+    )
+
+    add_openai_routes(
+        app,
+        run=run,
+        worker=worker,
+        limits=limits or SizeLimits(),
+        png=_png,
+        retry_after=retry_after,
     )
 
     @app.get("/health")
