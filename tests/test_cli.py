@@ -78,6 +78,8 @@ def test_probe_emulates_a_gpu() -> None:
         (["run", "--size", "1000x1000x3"], "must be WIDTHxHEIGHT"),
         (["convert", "builtin:tiny-sd", "--to", "q3_k"], "choose one of q8_0"),
         (["run", "--vram-limit", "6GB"], "caps a real CUDA GPU"),
+        (["run", "--guidance-scale", "31"], "must be a number from 0 to 30"),
+        (["run", "--guidance-scale", "nan"], "must be a number from 0 to 30"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
@@ -118,6 +120,10 @@ def test_run_with_no_arguments_writes_an_image_and_a_report(tmp_path: Path) -> N
     assert second.returncode == 0
     assert (out / "report.json").read_bytes() == first and (out / "report-2.json").exists()
     assert json.loads(second.stdout)["generation"]["step_seconds"] is None  # no gap to time
+    # --guidance-scale reaches the pipeline: 0 turns guidance off, and the image changes.
+    third = aq("run", "--json", "--steps", "1", "--guidance-scale", "0", cwd=tmp_path)
+    assert third.returncode == 0 and json.loads(third.stdout)["generation"]["guidance_scale"] == 0
+    assert (out / "image-3.png").read_bytes() != (out / "image-2.png").read_bytes()
 
 
 def test_convert_caches_and_rebuilds_a_truncated_file(tmp_path: Path) -> None:

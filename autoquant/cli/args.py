@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
-from autoquant.planner.rules import BATCH, OBJECTIVES, SIDE, STEPS, Range
+from autoquant.planner.rules import BATCH, GUIDANCE_SCALE, OBJECTIVES, SIDE, STEPS, Range
 
 EXIT_USAGE = 2
 # torch.Generator.manual_seed takes -2**63 … 2**64-1 and wraps negative seeds around to
@@ -153,6 +153,17 @@ side_length = whole_number(SIDE)
 step_count = whole_number(STEPS)
 batch_size = whole_number(BATCH)
 generator_seed = whole_number(Range(0, MAX_SEED, step=1))
+
+
+def guidance_scale(text: str) -> float:
+    """An argument type: a guidance scale in GUIDANCE_SCALE."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not GUIDANCE_SCALE.contains(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {GUIDANCE_SCALE.describe()}")
+    return value
 
 
 def quiet_libraries() -> None:

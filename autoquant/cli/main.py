@@ -22,6 +22,7 @@ from autoquant.cli.args import (
     add_tuning_arguments,
     batch_size,
     generator_seed,
+    guidance_scale,
     options_from_args,
     quiet_libraries,
     size_text,
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoising steps (default: request.steps, 20)",
     )
     p.add_argument("--seed", type=generator_seed, default=0, help="0 to 2**64-1 (default 0)")
+    p.add_argument(
+        "--guidance-scale",
+        type=guidance_scale,
+        help="classifier-free guidance, 0 to 30 (default: the pipeline's own; Flux 4.0)",
+    )
     p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
 
@@ -272,6 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         height=request.height,
         generator=torch.Generator("cpu").manual_seed(args.seed),
         callback_on_step_end=clock,
+        **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
     )
     report = result.report()
     report["tuning_seconds"] = tuned
@@ -282,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "width": request.width,
         "height": request.height,
         "seed": args.seed,
+        "guidance_scale": args.guidance_scale,
         "seconds": time.perf_counter() - gen_started,
         "step_seconds": clock.step_seconds(),
     }

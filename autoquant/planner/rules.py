@@ -88,6 +88,8 @@ SIDE = Range(8, 8192, step=8)
 # the call.
 STEPS = Range(1, 1000, step=1)
 BATCH = Range(1, 1024, step=1)
+# Classifier-free guidance: 0 turns it off; past 30 every family's images are burnt out.
+GUIDANCE_SCALE = Range(0, 30)
 # Every numeric key of profiles/default.yaml; "section.*" covers each key of a section.
 RANGES: dict[str, Range] = {
     "planner.headroom": Range(0, 1, above_low=True),  # a fraction of free memory

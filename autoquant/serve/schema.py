@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from autoquant.planner.rules import GUIDANCE_SCALE
+
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_IMAGES = 8
@@ -38,7 +40,9 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    guidance_scale: float | None = Field(
+        default=None, ge=GUIDANCE_SCALE.low, le=GUIDANCE_SCALE.high
+    )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images for this prompt")
 
