@@ -153,3 +153,22 @@ def test_a_local_folder_runs_like_a_builtin(tmp_path: Path, session_cache: Path)
 def test_hub_id_fails_fast_offline() -> None:
     proc = aq("run", "--model", "stabilityai/sdxl-turbo")
     one_line_error(proc, "sdxl-turbo")
+
+
+def test_a_folder_that_ships_only_fp16_variant_weights_runs(tmp_path: Path) -> None:
+    # `save_pretrained(variant="fp16")` names every weights file *.fp16.safetensors, which
+    # diffusers loads only when told the variant; autoquant uses the only variant there is.
+    from diffusers import DiffusionPipeline
+
+    from autoquant import models
+
+    folder = models.materialize(models.resolve("builtin:tiny-sd"), progress=False)
+    mine = tmp_path / "fp16-only"
+    DiffusionPipeline.from_pretrained(str(folder)).save_pretrained(str(mine), variant="fp16")
+    assert not list(mine.glob("*/diffusion_pytorch_model.safetensors"))
+    assert list(mine.glob("unet/diffusion_pytorch_model.fp16.safetensors"))
+    for backend in ("none", "gguf"):
+        out = tmp_path / backend
+        proc = aq("run", "-m", str(mine), "--steps", "1", "--backend", backend, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "image.png").read_bytes()[:4] == b"\x89PNG"

@@ -410,3 +410,62 @@ def test_hub_unreachable_by_socket_fails_fast(monkeypatch: pytest.MonkeyPatch) -
     # message comes only from the wait running out while the connect still sleeps.
     monkeypatch.setattr(socket, "create_connection", never_answers)
     assert hub_unreachable_reason(timeout_s=0.3) == "127.0.0.1:9 did not answer within 0.3 s"
+
+
+@pytest.mark.parametrize(
+    ("files", "variant"),
+    [
+        ({"unet": ["diffusion_pytorch_model.safetensors"]}, None),
+        (
+            {"unet": ["diffusion_pytorch_model.fp16.safetensors"], "vae": ["x.fp16.safetensors"]},
+            "fp16",
+        ),
+        (
+            {
+                "unet": [
+                    "diffusion_pytorch_model.safetensors.index.fp16.json",
+                    "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                    "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+                ]
+            },
+            "fp16",
+        ),
+        # Standard weights beside a variant: the standard ones load, as diffusers' default.
+        (
+            {
+                "unet": [
+                    "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                ]
+            },
+            None,
+        ),
+        ({"unet": ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]}, None),
+        ({"unet": ["config.json"]}, None),  # nothing to tell
+    ],
+)
+def test_the_only_weights_variant_is_found(
+    tmp_path: Path, files: dict[str, list[str]], variant: str | None
+) -> None:
+    from autoquant.models.variant import weights_variant
+
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "X"]}
+    for component, names in files.items():
+        index[component] = ["diffusers", "Model"]
+        (tmp_path / component).mkdir()
+        for name in names:
+            (tmp_path / component / name).write_text("{}")
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert weights_variant(tmp_path) == variant
+
+
+def test_components_shipping_different_variants_only_are_one_clear_error(tmp_path: Path) -> None:
+    from autoquant.models.variant import weights_variant
+
+    for component, variant in (("unet", "fp16"), ("vae", "bf16")):
+        (tmp_path / component).mkdir()
+        (tmp_path / component / f"diffusion_pytorch_model.{variant}.safetensors").write_text("")
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match=r"several \(bf16, fp16\)"):
+        weights_variant(tmp_path)

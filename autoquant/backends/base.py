@@ -65,6 +65,7 @@ class BuildRequest:
     device: str  # "cuda:0", "cpu", "mps", …
     device_map: str | None = None  # "balanced": spread components over GPUs
     progress: bool = True
+    variant: str | None = None  # the weights variant the folder ships (models/variant.py)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -242,7 +243,11 @@ class QuantBackend(ABC):
         elif mapping:
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
         pipe = DiffusionPipeline.from_pretrained(
-            str(request.folder), dtype=dtype, use_safetensors=True, **kwargs
+            str(request.folder),
+            dtype=dtype,
+            use_safetensors=True,
+            variant=request.variant,
+            **kwargs,
         )
         pipe.set_progress_bar_config(disable=True)  # the executor reports per tier instead
         return pipe
@@ -273,6 +278,7 @@ class QuantBackend(ABC):
                 quantization_config=config,
                 dtype=own_dtype,
                 use_safetensors=True,
+                variant=request.variant,
             )
             loaded[name] = model.to("cpu")
             if torch.cuda.is_available():

@@ -116,6 +116,8 @@ def build_tier(
     progress: bool,
 ) -> DiffusionPipeline:
     """Load one tier and make it ready to run (memory options applied, on its device)."""
+    from autoquant.models.variant import weights_variant
+
     backend = get_backend(planned.tier.backend)
     request = BuildRequest(
         folder=folder,
@@ -124,6 +126,7 @@ def build_tier(
         device=device,
         device_map=planned.device_map,
         progress=progress,
+        variant=weights_variant(folder),
     )
     pipe = backend.load(request)
     backend.post_process(pipe, request)

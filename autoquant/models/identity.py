@@ -28,7 +28,7 @@ def model_identity(folder: Path) -> str:
     index = json.loads(model_index.read_text(encoding="utf-8"))
     records: list[Any] = [["model_index.json", _content_digest(model_index)]]
     for name in sorted(index):
-        if (folder / name).is_dir() and _is_component_entry(index[name]):
+        if (folder / name).is_dir() and is_component_entry(index[name]):
             records.append([name, _component_records(folder / name)])
     return _digest(records)
 
@@ -41,7 +41,7 @@ def component_identity(folder: Path, subfolder: str) -> str:
     return _digest([subfolder, _component_records(component_dir)])
 
 
-def _is_component_entry(value: Any) -> bool:
+def is_component_entry(value: Any) -> bool:
     # Components appear in model_index.json as ["library", "ClassName"]; optional ones left out are
     # [null, null], and keys such as "_class_name" hold plain strings.
     return isinstance(value, list) and len(value) == 2 and value[0] is not None
