@@ -331,3 +331,24 @@ def test_bitsandbytes_offloaded_loads_one_quantized_component_on_the_gpu_at_a_ti
         else:
             assert est.load_peak_bytes == est.peak_bytes
         assert est.load_peak_bytes < sum(est.components[name] for name in quantized)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("float16", "fp16"), ("bf16", "bf16"), ("float32", "fp32"), ("auto", "bf16")],
+)
+def test_dtype_takes_diffusers_cli_names(
+    capsys: pytest.CaptureFixture[str], name: str, dtype: str
+) -> None:
+    data = plan_json(capsys, "--model", "builtin:sdxl", "--gpu", "H200", "--dtype", name)
+    assert data["settings"]["planner"]["compute_dtype"] == ("auto" if name == "auto" else dtype)
+    assert data["chosen"]["compute_dtype"] == dtype  # the H200 has bf16 units: auto is bf16
+    assert all(tier["compute_dtype"] == dtype for tier in data["ladder"])
+
+
+def test_an_unknown_dtype_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--dtype", "int4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'int4'" in err and err.count("\n") == 1

@@ -14,6 +14,16 @@ from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
 from autoquant.planner.rules import BATCH, GUIDANCE_SCALE, OBJECTIVES, SIDE, STEPS, Range
 
 EXIT_USAGE = 2
+# `--dtype` as diffusers-cli run spells it → planner.compute_dtype.
+DTYPE_NAMES = {
+    "auto": "auto",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+}
 # torch.Generator.manual_seed takes -2**63 … 2**64-1 and wraps negative seeds around to
 # 2**64 + seed; only the non-negative ones are accepted, so a report's seed is the one used.
 MAX_SEED = 2**64 - 1
@@ -64,6 +74,13 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--backend", help=f"force a backend ({', '.join(backend_names())})")
     p.add_argument("--precision", help="force a precision for --backend")
     p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPE_NAMES),
+        help="compute dtype of everything not quantized (planner.compute_dtype; diffusers-cli's "
+        "names: bfloat16 = bf16, float16 = fp16, float32 = fp32; default auto: bf16 where the "
+        "device has bf16 units)",
+    )
+    p.add_argument(
         "--optimize",
         choices=OBJECTIVES,
         help="what decides among plans that fit (planner.optimize; default balanced): the "
@@ -100,6 +117,7 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
         backend=args.backend,
         precision=args.precision,
         optimize=args.optimize,
+        compute_dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
         device=args.device,
         width=width,
         height=height,

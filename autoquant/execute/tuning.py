@@ -29,6 +29,7 @@ class TuneOptions:
     backend: str | None = None
     precision: str | None = None
     optimize: str | None = None  # planner.optimize: speed | balanced | quality | card
+    compute_dtype: str | None = None  # planner.compute_dtype: auto | bf16 | fp16 | fp32
     device: str | None = None  # plan for another machine: cuda | cpu | mps
     vram: str | None = None  # plan for a card of this size (emulated)
     compute_capability: str | None = None
@@ -61,6 +62,8 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
         overrides.append(f"force.precision={options.precision}")
     if options.optimize:
         overrides.append(f"planner.optimize={options.optimize}")
+    if options.compute_dtype:
+        overrides.append(f"planner.compute_dtype={options.compute_dtype}")
     return load_settings(options.profiles, overrides)
 
 
