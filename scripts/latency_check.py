@@ -69,14 +69,7 @@ def _row(
 def _from_run_report(
     path: Path, report: dict[str, Any], cache: dict[str, ModelInventory]
 ) -> dict[str, Any]:
-    chosen = report["chosen"]
-    tier = Tier(
-        chosen["backend"],
-        chosen["precision"],
-        chosen["compute_dtype"],
-        tuple(chosen["components"]),
-        tuple(chosen["memory_options"]),
-    )
+    tier = Tier.from_dict(report["chosen"])
     generation = report["generation"]
     request = Request(generation["width"], generation["height"], 1, generation["steps"])
     profile = HardwareProfile.from_dict(report["probe"])

@@ -72,6 +72,17 @@ class Tier:
             self.backend, self.precision, self.compute_dtype, self.quantized_components, merged
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tier:
+        """The tier a ``to_dict`` (a report's ``chosen``, a bench record's ``tier``) describes."""
+        return cls(
+            data["backend"],
+            data["precision"],
+            data["compute_dtype"],
+            tuple(data["components"]),
+            tuple(data["memory_options"]),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,

@@ -52,14 +52,7 @@ def parse_budgets(text: str) -> list[float]:
 
 
 def record_tier(record: dict[str, Any]) -> Tier:
-    data = record["tier"]
-    return Tier(
-        data["backend"],
-        data["precision"],
-        data["compute_dtype"],
-        tuple(data["components"]),
-        tuple(data["memory_options"]),
-    )
+    return Tier.from_dict(record["tier"])
 
 
 def fit_bytes(record: dict[str, Any], inventory: ModelInventory, on_cuda: bool) -> int | None:

@@ -197,15 +197,15 @@ def _gpu_latency(
     text = _text_units(inventory, request) * per_unit["text_encoder"] * speed.slowdown
     vae = _vae_units(inventory, request) * per_unit["vae"] * speed.slowdown
     vae = max(vae, figures["image_floor_seconds"])
+    # Streams pin a second host copy of every weight (planner/estimate.py's host_bytes).
+    pinned = est.host_bytes // 2 if tier.placement == "group_offload_streams" else 0
     return Latency(
         step_seconds=step,
         steps=request.steps,
         swap_seconds=swap,
         text_seconds=text,
         vae_seconds=vae,
-        first_call_seconds=first_call_seconds(inventory, tier, pinned_bytes=est.host_bytes // 2)
-        if tier.placement == "group_offload_streams"
-        else first_call_seconds(inventory, tier),
+        first_call_seconds=first_call_seconds(inventory, tier, pinned_bytes=pinned),
         basis=speed.basis,
     )
 
@@ -242,12 +242,10 @@ def _cpu_latency(
     )
 
 
-def first_call_seconds(
-    inventory: ModelInventory, tier: Tier, *, converted: bool = False, pinned_bytes: int = 0
-) -> float:
-    """Loading one tier: reading the bf16 files, quantizing what the tier quantizes, pinning
-    ``pinned_bytes`` of host copies for streams, and GGUF's conversion unless ``converted`` (it
-    is cached after the first)."""
+def first_call_seconds(inventory: ModelInventory, tier: Tier, *, pinned_bytes: int = 0) -> float:
+    """Loading one tier the first time: reading the bf16 files, quantizing what the tier
+    quantizes, pinning ``pinned_bytes`` of host copies for streams, and GGUF's conversion (cached
+    after the first, so later loads pay less than this)."""
     figures = calibration()["gpu"]["first_call"]
     dense_gb = inventory.params * 2 / GB
     quantized_gb = (
@@ -256,7 +254,7 @@ def first_call_seconds(
     seconds = dense_gb / figures["read_gb_s"]
     seconds += quantized_gb * figures["quantize_s_per_gb"][tier.backend]
     seconds += pinned_bytes / GB / figures["pin_gb_s"]
-    if tier.backend == "gguf" and not converted:
+    if tier.backend == "gguf":
         seconds += inventory.denoiser.params * 2 / GB * figures["convert_s_per_gb"][tier.precision]
     return seconds
 
