@@ -50,7 +50,12 @@ def test_forced_tier_runs_end_to_end(model: str, backend: str, precision: str) -
     assert result.attempts[-1].step_seconds and result.attempts[-1].load_seconds
     denoiser = getattr(result.pipeline, result.inventory.denoiser.name)
     assert any(_quantized(m) for m in denoiser.modules()) == (backend != "none")
-    side = result.inventory.default_size
+    images = _two_step_images(result, result.inventory.default_size)
+    assert images.shape[-1] == 3 and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def _two_step_images(result: Any, side: int) -> Any:
+    """Two steps of ``result``'s pipeline at ``side``², through the recovering generate."""
     output = generate(
         result,
         lambda _m: None,
@@ -61,7 +66,7 @@ def test_forced_tier_runs_end_to_end(model: str, backend: str, precision: str) -
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     )
-    assert output.images.shape[-1] == 3 and torch.isfinite(torch.from_numpy(output.images)).all()
+    return output.images
 
 
 def test_bitsandbytes_on_cpu_is_skipped_with_its_reason() -> None:
@@ -164,3 +169,33 @@ def test_vae_tiling_really_tiles_a_1024_vae() -> None:
     assert vae.use_tiling
     assert vae.tile_sample_min_size == VAE_TILE_PIXELS
     assert vae.tile_latent_min_size == VAE_TILE_PIXELS // 2  # two blocks: scale 2
+
+
+MIXED_TIERS = [
+    ("builtin:tiny-flux", "gguf", "q8_0"),  # a GGUF transformer beside int8 text encoders
+    ("builtin:tiny-sd", "none", "fp32"),  # an unquantized UNet beside int8 text encoders
+]
+
+
+@pytest.mark.parametrize(("model", "backend", "precision"), MIXED_TIERS)
+def test_a_mixed_tier_quantizes_each_part_with_its_own_backend(
+    model: str, backend: str, precision: str
+) -> None:
+    """The pairings backends/*.py `encoder_backends` declare from these runs."""
+    from autoquant.backends import backend_class
+
+    assert "torchao" in backend_class(backend).encoder_backends
+    overrides = ("force.text_encoders=torchao int8",)
+    result = tune(_options(model, backend=backend, precision=precision, overrides=overrides))
+    tier = result.chosen.tier
+    assert tier.encoders is not None and tier.encoders.backend == "torchao"
+    pipe, inv = result.pipeline, result.inventory
+    denoiser = getattr(pipe, inv.denoiser.name)
+    assert any(_quantized(m) for m in denoiser.modules()) == (backend != "none")
+    for encoder in inv.text_encoders:
+        weights = [m.weight for m in getattr(pipe, encoder.name).modules() if _quantized(m)]
+        assert weights and all("torchao" in type(w).__module__ for w in weights), encoder.name
+    report = result.report()["chosen"]
+    assert report["encoders"]["backend"] == "torchao"
+    assert report["parts"][inv.text_encoders[0].name]["format"] == "torchao int8"
+    assert torch.isfinite(torch.from_numpy(_two_step_images(result, 64))).all()

@@ -23,8 +23,9 @@ from autoquant.backends.gguf.formats import GGUF_BLOCK
 from autoquant.core.errors import ModelNotFoundError
 from autoquant.models import builtin_names, inventory, list_builtins, materialize, resolve
 from autoquant.models.builtin import load_builtin
-from autoquant.models.inventory import build_on_meta, counted_components
-from autoquant.models.source import hub_unreachable_reason
+from autoquant.models.components import counted_components
+from autoquant.models.hub import hub_unreachable_reason
+from autoquant.models.inventory import build_on_meta
 from autoquant.models.tokenizers import CLIP_EOS_ID
 from autoquant.models.types import ModelInventory
 
@@ -121,16 +122,18 @@ def test_resolve_unknown_builtin_lists_the_builtins() -> None:
 
 
 def test_resolve_missing_folder(tmp_path: Path) -> None:
-    for spec in (str(tmp_path / "nope"), "./nope", "~/nope", "a/b/c", "model.safetensors"):
+    for spec in (str(tmp_path / "nope"), "./nope", "~/nope", "a/b/c"):
         with pytest.raises(ModelNotFoundError, match="no such folder"):
             resolve(spec)
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        resolve("model.safetensors")
 
 
 def test_resolve_folder_without_model_index(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
         resolve(str(tmp_path))
     (tmp_path / "weights.safetensors").write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match=r"is a file.*from_single_file"):
+    with pytest.raises(ModelNotFoundError, match=r"weights\.safetensors is not a safetensors file"):
         resolve(str(tmp_path / "weights.safetensors"))
 
 

@@ -352,3 +352,102 @@ def test_an_unknown_dtype_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[s
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'int4'" in err and err.count("\n") == 1
+
+
+def test_mixed_plans_give_the_text_encoders_another_backends_format(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autoquant.backends import backend_class
+    from autoquant.core.units import GB
+    from autoquant.models import inventory, resolve
+    from autoquant.planner.estimate import Request
+
+    inv = inventory(resolve("builtin:sdxl"))
+    request = Request(1024, 1024, steps=20)
+    card = made_up_machine(device="cuda", vram=10 * GB, compute_capability="9.0")
+    # Declared pairs only: none pairs with torchao (a CPU run), not (yet) with bitsandbytes.
+    monkeypatch.setattr(backend_class("none"), "encoder_backends", ("torchao",))
+    ladder = plan(card, inv, load_settings(), request).ladder
+    mixed = [p for p in ladder if p.tier.encoders is not None]
+    assert mixed and {p.tier.encoders.name for p in mixed} == {"torchao:int8"}
+    bf16 = ladder[0]
+    assert bf16.tier.backend == "none" and bf16.tier.encoders is None
+    # Same denoiser, same speed, less memory: the first fallback keeps the bf16 UNet, and its
+    # class is the worst of its parts' (int8 text encoders).
+    fallback = ladder[1]
+    assert (fallback.tier.backend, fallback.tier.encoders) == ("none", mixed[0].tier.encoders)
+    assert fallback.seconds == pytest.approx(bf16.seconds, rel=0.05)
+    assert fallback.estimate.required_bytes < bf16.estimate.required_bytes
+    assert fallback.fidelity == "int8"
+    for encoder in inv.text_encoders:  # int8 Linear weights: one byte each, not bf16's two
+        assert fallback.parts[encoder.name]["format"] == "torchao int8"
+        saved = bf16.estimate.components[encoder.name] - fallback.estimate.components[encoder.name]
+        assert saved == pytest.approx(encoder.linear_params * 1.01, rel=0.01)
+    # Off with the text encoders' policy, or with the formats list emptied.
+    for override in (
+        "components.quantize_text_encoders=never",
+        "components.text_encoder_formats=[]",
+    ):
+        quiet = plan(card, inv, load_settings([], [override]), request).ladder
+        assert all(p.tier.encoders is None for p in quiet)
+
+
+def test_a_forced_mixed_tier_and_its_bad_spellings() -> None:
+    from autoquant.core.units import GB
+    from autoquant.models import inventory, resolve
+
+    inv = inventory(resolve("builtin:flux-dev"))
+    card = made_up_machine(device="cuda", vram=24 * GB, compute_capability="9.0")
+    forced = ["force.backend=gguf", "force.precision=q8_0", "force.text_encoders=bitsandbytes nf4"]
+    the_plan = plan(card, inv, load_settings([], forced))
+    tier = the_plan.chosen.tier
+    assert tier.label.startswith("gguf q8_0 (text encoders bitsandbytes nf4")
+    assert tier.quantized_components == ("transformer",)
+    assert tier.encoders is not None and tier.encoders.components == (
+        "text_encoder",
+        "text_encoder_2",
+    )
+    assert any("does not declare text encoders of bitsandbytes" in step for step in the_plan.path)
+    for bad, said in [
+        (["force.text_encoders=bitsandbytes nf4"], "needs force.backend"),
+        ([*forced[:2], "force.text_encoders=gguf q8_0"], "gguf does not quantize text encoders"),
+        ([*forced[:2], "force.text_encoders=torchao"], "'backend precision'"),
+        (["components.text_encoder_formats=[none bf16]"], "none does not quantize text encoders"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            load_settings([], bad)
+
+
+@pytest.mark.parametrize(
+    ("flags", "placements", "others"),
+    [
+        (["--cpu-offload", "model", "--vae-tiling"], {"model_cpu_offload"}, {"vae_tiling"}),
+        (
+            ["--cpu-offload", "group", "--vae-slicing"],
+            {"group_offload_streams", "group_offload"},
+            {"vae_slicing"},
+        ),
+        (["--vae-tiling", "--vae-slicing"], None, {"vae_tiling", "vae_slicing"}),
+    ],
+)
+def test_diffusers_cli_memory_flags_are_parts_every_plan_has(
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    placements: set[str] | None,
+    others: set[str],
+) -> None:
+    data = plan_json(capsys, "-m", "builtin:sdxl", "--gpu", "RTX 4060", *flags)
+    assert any(step.startswith("required: ") for step in data["path"])
+    backends = set()
+    for entry in data["ladder"]:  # the planner still chose backend, precision, text encoders
+        assert others <= set(entry["memory_options"])
+        placement = next((o for o in entry["memory_options"] if "offload" in o), "resident")
+        assert placements is None or placement in placements
+        backends.add(entry["backend"])
+    assert len(backends) > 1
+
+
+def test_cpu_offload_on_a_cpu_plan_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "-m", "builtin:tiny-sd", "--device", "cpu", "--cpu-offload", "model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "this plan is for the CPU" in err

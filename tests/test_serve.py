@@ -261,20 +261,28 @@ def test_concurrent_requests_are_batched_and_keep_their_seeds(server: Server) ->
         _wait_for(lambda m: m["autoquant_queue_depth"] == 4, server)
         answers = [call.result() for call in calls]
         assert slow.result().status_code == 200
-    for answer in answers:
+    pngs = []
+    for answer in answers:  # no Accept but httpx's */*: JSON, whatever n is
         assert answer.status_code == 200, answer.text
-        assert answer.headers["content-type"] == "image/png"
-        assert _png_size(answer.content) == (64, 64)
+        assert answer.headers["content-type"] == "application/json"
+        [png] = [base64.b64decode(image) for image in answer.json()["images"]]
+        assert _png_size(png) == (64, 64)
+        pngs.append(png)
     two = pair.result()
     assert two.status_code == 200 and two.json()["seed"] == 7
     assert [_png_size(base64.b64decode(png)) for png in two.json()["images"]] == [(64, 64)] * 2
     metrics = _metrics(server)
     assert metrics['autoquant_batch_size_total{size="4"}'] >= 1, metrics
     # The same request alone gives the image it got inside the batch, up to rounding (bf16
-    # matmuls are blocked differently for another batch size).
-    alone = _generate(server, prompt="prompt 2", seed=2, **quick)
-    assert alone.headers["x-seed"] == "2"
-    difference = abs(_pixels(alone.content) - _pixels(answers[1].content))
+    # matmuls are blocked differently for another batch size); asked for as the PNG itself.
+    alone = httpx.post(
+        f"{server.url}/generate",
+        json={"prompt": "prompt 2", "seed": 2, **quick},
+        headers={"accept": "image/png"},
+        timeout=120,
+    )
+    assert alone.headers["content-type"] == "image/png" and alone.headers["x-seed"] == "2"
+    difference = abs(_pixels(alone.content) - _pixels(pngs[1]))
     assert difference.max() <= 4 and difference.mean() < 1
 
 
@@ -733,3 +741,103 @@ def test_the_report_shows_no_path_of_the_model_or_the_cache(
     assert report["cache"]["path"] == "<path>" and report["chosen"]["label"]
     for private in (str(folder), "my models", "tiny sd", "cache, for", str(session_cache)):
         assert private not in text
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, "application/json"),
+        ("", "application/json"),
+        ("*/*", "application/json"),
+        ("application/json", "application/json"),
+        ("image/png", "image/png"),
+        ("image/*", "image/png"),
+        ("IMAGE/PNG; charset=binary", "image/png"),
+        ("image/png;q=0.5, application/json", "application/json"),
+        ("application/json;q=0.1, image/png", "image/png"),
+        # A browser's: both only through */*, a tie, which JSON takes.
+        ("text/html,application/xhtml+xml,image/webp,*/*;q=0.8", "application/json"),
+        ("image/png, */*;q=0", "image/png"),
+        ("text/html", None),
+        ("application/json;q=0, image/png;q=0", None),
+        ("image/png;q=lots", None),
+    ],
+)
+def test_the_response_type_follows_the_accept_header_alone(
+    accept: str | None, expected: str | None
+) -> None:
+    from autoquant.serve.app import response_type
+
+    assert response_type(accept) == expected
+
+
+def _painting_worker() -> Any:
+    """A worker that is ready at once and answers each generation with n flat images of its
+    size (image i has red = i), recording what it was given: /generate's answer types are
+    under test, not a pipeline."""
+    from PIL import Image
+
+    from autoquant.execute.tuning import TuneOptions
+    from autoquant.serve.worker import READY, Worker, WorkerSettings
+
+    class Painting(Worker):
+        state = READY
+        default_size = (64, 64)
+
+        def start(self) -> None:
+            self.submitted: list[Generation] = []
+
+        def refusal(self, generation: Generation) -> None:
+            return None
+
+        def submit(self, generation: Generation) -> Future[list[Any]]:
+            self.submitted.append(generation)
+            done: Future[list[Any]] = Future()
+            size = (generation.width, generation.height)
+            done.set_result([Image.new("RGB", size, (i, 0, 0)) for i in range(generation.n)])
+            return done
+
+    return Painting(TuneOptions(), WorkerSettings(), Metrics())
+
+
+def test_generate_answers_one_type_per_accept_header() -> None:
+    from fastapi.testclient import TestClient
+
+    from autoquant.serve.app import create_app
+
+    worker = _painting_worker()
+    with TestClient(create_app(worker)) as client:
+        body = {"prompt": "a cat", "seed": 5, "width": 64, "height": 128}
+        del client.headers["accept"]  # no Accept at all: JSON, like */*
+        for n in (1, 3):
+            answer = client.post("/generate", json={**body, "n": n})
+            assert answer.status_code == 200
+            assert answer.headers["content-type"] == "application/json"
+            assert answer.headers["x-seed"] == "5" and answer.headers["vary"] == "Accept"
+            data = answer.json()
+            assert (data["seed"], data["width"], data["height"]) == (5, 64, 128)
+            images = [base64.b64decode(image) for image in data["images"]]
+            assert [_png_size(png) for png in images] == [(64, 128)] * n
+            assert [int(_pixels(png)[0, 0, 0]) for png in images] == list(range(n))
+        for accept in ("*/*", "application/json"):
+            answer = client.post("/generate", json=body, headers={"accept": accept})
+            assert answer.headers["content-type"] == "application/json"
+            assert len(answer.json()["images"]) == 1
+
+        png = client.post("/generate", json=body, headers={"accept": "image/png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.headers["x-seed"] == "5" and _png_size(png.content) == (64, 128)
+
+        runs = len(worker.submitted)
+        many = client.post("/generate", json={**body, "n": 2}, headers={"accept": "image/png"})
+        assert many.status_code == 406
+        assert many.json()["detail"] == (
+            "Accept: image/png carries one image and n is 2: ask for application/json "
+            "(base64 PNGs) or n = 1"
+        )
+        neither = client.post("/generate", json=body, headers={"accept": "text/html"})
+        assert neither.status_code == 406
+        assert "neither application/json nor image/png" in neither.json()["detail"]
+        assert len(worker.submitted) == runs  # refused before anything was queued
+        metrics = client.get("/metrics").text
+        assert 'autoquant_requests_total{status="406"} 2' in metrics

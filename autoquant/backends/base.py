@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,6 +66,8 @@ class BuildRequest:
     device_map: str | None = None  # "balanced": spread components over GPUs
     progress: bool = True
     variant: str | None = None  # the weights variant the folder ships (models/variant.py)
+    # The user's GGUF file of the denoiser (--gguf): the gguf backend loads it, converting nothing.
+    gguf_file: Path | None = None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -111,6 +113,9 @@ class QuantBackend(ABC):
     # Group offload from pinned memory with CUDA streams (use_stream): off until a GPU run shows
     # the backend survives it (docs/benchmarks.md).
     survives_group_offload_streams: ClassVar[bool] = False
+    # Other backends whose quantized text encoders ran beside this backend's denoiser in one
+    # pipeline (a mixed plan: Tier.encoders), each pairing shown by a run its comment names.
+    encoder_backends: ClassVar[tuple[str, ...]] = ()
     # Measured per-layer relative error of each precision (the bench's metric: median over the
     # denoiser's nn.Linear layers against fp32, docs/benchmarks.md), read by the planner to class
     # a tier's fidelity. A precision without a measurement of its own is declared at the figure
@@ -118,6 +123,10 @@ class QuantBackend(ABC):
     layer_errors: ClassVar[Mapping[str, float]] = {}
     caveat: ClassVar[str | None] = None  # told whenever it is probed or used (a deprecation)
     writes_files: ClassVar[bool] = False  # converts the model into its own files (`convert`)
+    # A LoRA is fused into its weights (diffusers' fuse_lora, then unload_lora_weights), faster
+    # than an active adapter; off where fusing is not measured to keep the LoRA
+    # (execute/lora.py keeps it an adapter there, and checks that a fused one took hold).
+    fuses_lora: ClassVar[bool] = False
 
     # --- declarations read by everything else ----------------------------------------------------
     @classmethod
@@ -215,11 +224,14 @@ class QuantBackend(ABC):
         """Components built outside `from_pretrained` (GGUF's denoiser)."""
         return {}
 
-    def load(self, request: BuildRequest) -> DiffusionPipeline:
+    def load(
+        self, request: BuildRequest, encoders: QuantBackend | None = None
+    ) -> DiffusionPipeline:
         """Load the pipeline for this tier. Components land on the CPU (bitsandbytes puts what it
         quantizes on the GPU itself; offloaded, it is moved back to the CPU component by
         component) unless device_map spreads them over GPUs; the executor moves or offloads them
-        afterwards."""
+        afterwards. ``encoders``: the backend of a mixed tier's text encoders (Tier.encoders),
+        which configures them."""
         from diffusers import DiffusionPipeline
         from diffusers.quantizers import PipelineQuantizationConfig
 
@@ -231,13 +243,17 @@ class QuantBackend(ABC):
         if vae != load:
             dtype = {"vae": torch_dtype(vae), "default": dtype}
         mapping = self.quant_mapping(request)
+        encoder_tier = tier.encoder_tier()
+        if encoders is not None and encoder_tier is not None:
+            # A mixed plan: the text encoders' own backend configures them.
+            mapping |= encoders.quant_mapping(replace(request, tier=encoder_tier))
         if request.device_map:
             kwargs["device_map"] = request.device_map
         if (
             mapping
             and tier.offloaded
             and not request.device_map
-            and self._quantizes_on_device(tier)
+            and self._quantizes_on_device(tier, encoders)
         ):
             kwargs.update(self._load_one_at_a_time(request, mapping, dtype))
         elif mapping:
@@ -252,9 +268,11 @@ class QuantBackend(ABC):
         pipe.set_progress_bar_config(disable=True)  # the executor reports per tier instead
         return pipe
 
-    def _quantizes_on_device(self, tier: Tier) -> bool:
-        fmt = self.format(tier.precision)
-        return fmt is not None and fmt.quantizes_on_device
+    def _quantizes_on_device(self, tier: Tier, encoders: QuantBackend | None) -> bool:
+        formats = [self.format(tier.precision)]
+        if encoders is not None and tier.encoders is not None:
+            formats.append(encoders.format(tier.encoders.precision))
+        return any(fmt is not None and fmt.quantizes_on_device for fmt in formats)
 
     def _load_one_at_a_time(
         self, request: BuildRequest, mapping: dict[str, Any], dtype: Any

@@ -38,6 +38,9 @@ class Quanto(QuantBackend):
     # int8 and int4 measured (docs/benchmarks.md; int8 the larger of SDXL's and Flux-dev's);
     # "mixed" is int8 weights; float8 at torchao float8's figure, the nearest measured.
     layer_errors = {"int8": 9.3e-3, "mixed": 9.3e-3, "int4": 9.9e-2, "float8": 3.7e-2}
+    # diffusers 0.42.1 fuses nothing into quanto's weights, silently: the fused image equals the
+    # image without the LoRA (builtin:tiny-sd, every precision). It runs as an adapter instead.
+    fuses_lora = False
     caveat = "Quanto is deprecated in diffusers and will be removed in 1.0; it still works in 0.42"
 
     @classmethod

@@ -3,7 +3,7 @@ dtypes. Which backends and precisions exist is the registry's (backends/__init__
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # Memory options, in the order the planner reaches for them (cheapest in speed first). Each
@@ -30,24 +30,73 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
+class EncoderFormat:
+    """Text encoders quantized by another backend than the denoiser's (a GGUF or unquantized
+    denoiser beside an NF4 or int8 T5): that backend, its precision, and the components."""
+
+    backend: str
+    precision: str
+    components: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """``backend:precision``, as profiles and tier specs write it."""
+        return f"{self.backend}:{self.precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "components": list(self.components),
+        }
+
+
+@dataclass(frozen=True)
 class Tier:
     """One way to build the pipeline: a backend and precision for the denoiser, which components
-    are quantized, and which memory options are on."""
+    that backend quantizes, the text encoders' own format when another backend quantizes them,
+    and which memory options are on."""
 
     backend: str
     precision: str
     compute_dtype: str  # dtype of everything not quantized, and of the math
-    quantized_components: tuple[str, ...] = ()
+    quantized_components: tuple[str, ...] = ()  # what ``backend`` quantizes
     memory_options: tuple[str, ...] = ()
+    encoders: EncoderFormat | None = None
 
     @property
     def label(self) -> str:
         text = f"{self.backend} {self.precision}"
         extras = []
-        if len(self.quantized_components) > 1:
+        if self.encoders is not None:
+            extras.append(f"text encoders {self.encoders.backend} {self.encoders.precision}")
+        elif len(self.quantized_components) > 1:
             extras.append("text encoders quantized")
         extras.extend(o.replace("_", " ") for o in self.memory_options)
         return text + (f" ({', '.join(extras)})" if extras else "")
+
+    @property
+    def encoders_quantized(self) -> bool:
+        """Whether the text encoders are quantized, by the denoiser's backend or another."""
+        return self.encoders is not None or len(self.quantized_components) > 1
+
+    @property
+    def parts(self) -> tuple[Tier, ...]:
+        """The tier itself, then its text encoders' tier when another backend builds them."""
+        encoders = self.encoder_tier()
+        return (self,) if encoders is None else (self, encoders)
+
+    def encoder_tier(self) -> Tier | None:
+        """The text encoders' part as a tier of their backend (what it builds), or None."""
+        if self.encoders is None:
+            return None
+        return Tier(
+            self.encoders.backend,
+            self.encoders.precision,
+            self.compute_dtype,
+            self.encoders.components,
+            self.memory_options,
+        )
 
     @property
     def offloaded(self) -> bool:
@@ -67,20 +116,21 @@ class Tier:
         for offload in OFFLOAD_OPTIONS:  # one placement at a time: the last asked for wins
             if offload in options:
                 wanted -= set(OFFLOAD_OPTIONS) - {offload}
-        merged = tuple(o for o in MEMORY_OPTIONS if o in wanted)
-        return Tier(
-            self.backend, self.precision, self.compute_dtype, self.quantized_components, merged
-        )
+        return replace(self, memory_options=tuple(o for o in MEMORY_OPTIONS if o in wanted))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Tier:
         """The tier a ``to_dict`` (a report's ``chosen``, a bench record's ``tier``) describes."""
+        encoders = data.get("encoders")  # absent in records written before it existed
         return cls(
             data["backend"],
             data["precision"],
             data["compute_dtype"],
             tuple(data["components"]),
             tuple(data["memory_options"]),
+            EncoderFormat(encoders["backend"], encoders["precision"], tuple(encoders["components"]))
+            if encoders
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +140,7 @@ class Tier:
             "compute_dtype": self.compute_dtype,
             "components": list(self.quantized_components),
             "memory_options": list(self.memory_options),
+            "encoders": self.encoders.to_dict() if self.encoders else None,
         }
 
 

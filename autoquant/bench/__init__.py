@@ -4,20 +4,22 @@ command.py runs the sweep (one subprocess per tier: tier_run.py), budgets.py jud
 fit each budget and what the planner chose there, fidelity.py holds the error metrics, report.py
 writes bench.json / bench.md / bench.png. This module holds what they share: the tier spec
 written on the command line (``gguf:q4_0``, ``none:bf16+model_cpu_offload``,
-``quanto:int8+te+compile``).
+``quanto:int8+te+compile``, ``gguf:q8_0+te=bitsandbytes:nf4``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoquant.backends import UNQUANTIZED, backend_class, backend_classes, validate_tier_name
-from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, Tier
+from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.models.types import ModelInventory
 from autoquant.probe.types import HardwareProfile
 
 TEXT_ENCODERS = "te"  # "+te": the text encoders are quantized with the denoiser's backend
+# "+te=backend:precision": the text encoders quantized by another backend (a mixed tier)
+MIXED_TEXT_ENCODERS = "te="
 COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile
 _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 
@@ -25,13 +27,14 @@ _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 @dataclass(frozen=True)
 class TierSpec:
     """One tier of the sweep as written on the command line: ``backend:precision[+extra...]``,
-    each extra a memory option, ``te`` or ``compile``."""
+    each extra a memory option, ``te``, ``te=backend:precision`` or ``compile``."""
 
     backend: str
     precision: str
     text_encoders: bool = False
     memory_options: tuple[str, ...] = ()  # in the order of backends.tier.MEMORY_OPTIONS
     compile: bool = False
+    encoders: str | None = None  # "backend:precision" of text encoders another backend quantizes
 
     @classmethod
     def parse(cls, text: str) -> TierSpec:
@@ -44,7 +47,8 @@ class TierSpec:
         except ValueError as err:
             raise AutoquantError(f"tier {text!r}: {err}") from None
         known = (TEXT_ENCODERS, COMPILE, *MEMORY_OPTIONS)
-        unknown = [e for e in extras if e not in known]
+        mixed = [e.removeprefix(MIXED_TEXT_ENCODERS) for e in extras if e.startswith("te=")]
+        unknown = [e for e in extras if e not in known and not e.startswith(MIXED_TEXT_ENCODERS)]
         if unknown:
             raise AutoquantError(
                 f"tier {text!r}: unknown extra {unknown[0]!r}; choose from {', '.join(known)}"
@@ -55,6 +59,22 @@ class TierSpec:
                 f"tier {text!r}: +te needs a backend that quantizes text encoders "
                 f"({', '.join(able)}); offload them instead (+model_cpu_offload)"
             )
+        for encoders in mixed:
+            encoder_backend, _, encoder_precision = encoders.partition(":")
+            try:
+                validate_tier_name(encoder_backend, encoder_precision or None)
+            except ValueError as err:
+                raise AutoquantError(f"tier {text!r}: +te=: {err}") from None
+            if (
+                not encoder_precision
+                or not backend_class(encoder_backend).quantizes_text_encoders()
+            ):
+                raise AutoquantError(
+                    f"tier {text!r}: +te= takes a backend that quantizes text encoders and its "
+                    "precision, e.g. +te=bitsandbytes:nf4"
+                )
+        if len(mixed) > 1 or (mixed and TEXT_ENCODERS in extras):
+            raise AutoquantError(f"tier {text!r}: give the text encoders one format")
         if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
         return cls(
@@ -63,6 +83,7 @@ class TierSpec:
             text_encoders=TEXT_ENCODERS in extras,
             memory_options=tuple(o for o in MEMORY_OPTIONS if o in extras),
             compile=COMPILE in extras,
+            encoders=mixed[0] if mixed else None,
         )
 
     @property
@@ -77,12 +98,14 @@ class TierSpec:
             tier.precision,
             text_encoders=len(tier.quantized_components) > 1,
             memory_options=tier.memory_options,
+            encoders=tier.encoders.name if tier.encoders else None,
         )
 
     @property
     def name(self) -> str:
         """The canonical spelling: extras in a fixed order, so equal specs compare equal."""
         extras = [TEXT_ENCODERS] if self.text_encoders else []
+        extras += [MIXED_TEXT_ENCODERS + self.encoders] if self.encoders else []
         extras += list(self.memory_options)
         extras += [COMPILE] if self.compile else []
         return f"{self.backend}:{self.precision}" + "".join(f"+{e}" for e in extras)
@@ -90,24 +113,33 @@ class TierSpec:
     @property
     def file_stem(self) -> str:
         """The name as a file name of plain characters (``quanto-int8-te-model_cpu_offload``)."""
-        return self.name.replace(":", "-").replace("+", "-")
+        return self.name.replace(":", "-").replace("+", "-").replace("=", "-")
 
     def without_vae_options(self) -> TierSpec:
         """The same tier without VAE slicing/tiling: they change only the decode (its memory, and
         a little of the end-to-end time), so the plain tier stands in when the plan's exact tier
         was not measured."""
         kept = tuple(o for o in self.memory_options if o not in _VAE_OPTIONS)
-        return TierSpec(self.backend, self.precision, self.text_encoders, kept, self.compile)
+        return replace(self, memory_options=kept)
 
     def tier(self, inventory: ModelInventory, compute_dtype: str) -> Tier:
         """The planner's Tier for this spec on ``inventory``; ``compute_dtype`` is what a
         quantized tier computes in (an unquantized one computes in its own precision)."""
+        encoders = None
+        if self.encoders:
+            encoder_backend, _, encoder_precision = self.encoders.partition(":")
+            names = tuple(c.name for c in inventory.text_encoders)
+            encoders = EncoderFormat(encoder_backend, encoder_precision, names)
         if self.backend == UNQUANTIZED:
-            return Tier(UNQUANTIZED, self.precision, self.precision, (), self.memory_options)
+            return Tier(
+                UNQUANTIZED, self.precision, self.precision, (), self.memory_options, encoders
+            )
         components: tuple[str, ...] = (inventory.denoiser.name,)
         if self.text_encoders:
             components += tuple(c.name for c in inventory.text_encoders)
-        return Tier(self.backend, self.precision, compute_dtype, components, self.memory_options)
+        return Tier(
+            self.backend, self.precision, compute_dtype, components, self.memory_options, encoders
+        )
 
 
 def parse_tier_list(text: str) -> list[TierSpec]:

@@ -198,7 +198,9 @@ def selected_tiers(
             found = [
                 s
                 for s in planned_tiers(profile, inventory, load_settings(), request, budgets)
-                if dataclasses.replace(s, text_encoders=False, memory_options=()) in runs_here
+                if dataclasses.replace(s, text_encoders=False, memory_options=(), encoders=None)
+                in runs_here
+                and (s.encoders is None or TierSpec.parse(s.encoders) in runs_here)
                 and (profile.has_gpu or not s.offloaded)
             ]
         else:

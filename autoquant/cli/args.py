@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
+from autoquant.execute.lora import LoraFile, parse_lora
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
 from autoquant.planner.rules import BATCH, GUIDANCE_SCALE, OBJECTIVES, SIDE, STEPS, Range
 
@@ -65,7 +66,22 @@ def add_model_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         "--model",
         "-m",
         default=DEFAULT_MODEL,
-        help="builtin:NAME, a local diffusers folder, or a hub id (default: %(default)s)",
+        help="builtin:NAME, a local diffusers folder, a single-file .safetensors checkpoint "
+        "(SD1.x, SDXL or Flux original layout; converted once into the cache), or a hub id "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="load the weights variant NAME of the model (diffusers-cli's --variant: fp16 for "
+        "*.fp16.safetensors; default: standard weights, or the only variant the model ships)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FOLDER|builtin:NAME",
+        help="the architecture of a single-file -m: a diffusers folder (its configs and "
+        "tokenizers; weights for components the file lacks) or a built-in (default: the "
+        "built-in whose shapes the file's tensors match)",
     )
 
 
@@ -73,6 +89,12 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     """--backend/--precision: force a tier, as `plan`, `run` and `serve` take them."""
     p.add_argument("--backend", help=f"force a backend ({', '.join(backend_names())})")
     p.add_argument("--precision", help="force a precision for --backend")
+    p.add_argument(
+        "--gguf",
+        metavar="FILE",
+        help="the denoiser's weights from this GGUF file (city96-style K-quants too): the tier "
+        "is gguf at the file's type; the rest of the pipeline comes from --model",
+    )
     p.add_argument(
         "--dtype",
         choices=tuple(DTYPE_NAMES),
@@ -90,6 +112,32 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     )
 
 
+# `--cpu-offload` as diffusers-cli run spells it → the placement every plan must have.
+CPU_OFFLOAD_NAMES = {"model": "model_cpu_offload", "group": "group_offload"}
+
+
+def add_memory_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """diffusers-cli's memory flags, as plan parts every plan must have (force.memory_options);
+    the planner still chooses the rest."""
+    p.add_argument(
+        "--cpu-offload",
+        choices=tuple(CPU_OFFLOAD_NAMES),
+        help="offload to the CPU: per component (model) or block by block (group: on CUDA "
+        "streams where host RAM allows); the planner picks the rest",
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles")
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+
+
+def memory_options_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The memory options `add_memory_arguments`' flags require."""
+    flags = (("vae_slicing", args.vae_slicing), ("vae_tiling", args.vae_tiling))
+    options = [option for option, on in flags if on]
+    if args.cpu_offload:
+        options.append(CPU_OFFLOAD_NAMES[args.cpu_offload])
+    return tuple(options)
+
+
 def add_tuning_arguments(
     p: argparse.ArgumentParser | argparse._ArgumentGroup, *, size_help: str
 ) -> None:
@@ -97,6 +145,7 @@ def add_tuning_arguments(
     add_model_argument(p)
     add_profile_arguments(p)
     add_tier_arguments(p)
+    add_memory_arguments(p)
     p.add_argument("--vram-limit", type=size_text, help="cap this process's GPU memory (real OOM)")
     p.add_argument("--device", choices=("cuda", "cpu", "mps"), help="run on this device kind")
     p.add_argument("--size", type=width_height, help=size_help)
@@ -105,6 +154,16 @@ def add_tuning_arguments(
         "--smoke-size", type=side_length, help="side of the smoke test (default: --size)"
     )
     p.add_argument("--retune", action="store_true", help="ignore the saved tuning for this key")
+    p.add_argument(
+        "--lora",
+        type=lora_spec,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA .safetensors file to apply, at SCALE (default 1; diffusers-cli's JSON "
+        '{"lora_id": FILE, "lora_scale": S} too); repeatable. Fused where the tier\'s '
+        "backend can fuse, else kept as an active adapter; the report says which",
+    )
 
 
 def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
@@ -112,12 +171,16 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
     width, height = args.size if args.size else (None, None)
     return TuneOptions(
         model=args.model,
+        variant=args.variant,
+        config=args.config,
         profiles=tuple(args.profile),
         overrides=tuple(args.overrides),
         backend=args.backend,
         precision=args.precision,
         optimize=args.optimize,
         compute_dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
+        memory_options=memory_options_from_args(args),
+        gguf=args.gguf,
         device=args.device,
         width=width,
         height=height,
@@ -133,8 +196,18 @@ def tuning_options(args: argparse.Namespace, **extra: Any) -> TuneOptions:
         smoke_steps=args.smoke_steps,
         smoke_size=args.smoke_size,
         retune=args.retune,
+        lora=tuple(args.lora),
         **extra,
     )
+
+
+def lora_spec(text: str) -> LoraFile:
+    """--lora FILE[:SCALE]: its syntax now; the file itself is checked with the other inputs
+    (cli/validate.py)."""
+    try:
+        return parse_lora(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def size_text(text: str) -> str:

@@ -16,6 +16,7 @@ from autoquant import __version__
 from autoquant.cli.args import (
     EXIT_USAGE,
     Parser,
+    add_memory_arguments,
     add_model_argument,
     add_profile_arguments,
     add_tier_arguments,
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machine(p)
     add_profile_arguments(p)
     add_tier_arguments(p)
+    add_memory_arguments(p)
     p.add_argument("--size", type=width_height, help="WIDTHxHEIGHT the estimate is for")
     p.add_argument("--batch", type=batch_size, help="images per prompt the estimate is for")
     p.add_argument(
@@ -92,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=guidance_scale,
         help="classifier-free guidance, 0 to 30 (default: the pipeline's own; Flux 4.0)",
     )
-    p.add_argument("--out", type=Path, default=Path("autoquant-out"), help="output folder")
+    p.add_argument(
+        "--out",
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("autoquant-out"),
+        help="output folder (diffusers-cli's --output/-o; default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="quiet; print the report as JSON")
 
     p = sub.add_parser("cache", help="the saved tuning decisions")

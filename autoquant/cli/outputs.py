@@ -69,6 +69,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Machine: {probe['accelerator']} — {device}",
         f"- Chosen: **{chosen['label']}** ({chosen['description']})",
+        *(
+            f"- LoRA `{lora['path']}` at scale {lora['scale']:g}: {lora['note']}"
+            for lora in report.get("lora") or ()
+        ),
         f"- Generation: {generation.get('steps', '—')} steps at "
         f"{generation.get('width', '—')}x{generation.get('height', '—')}, "
         f"step: {_seconds(generation.get('step_seconds'))}, "

@@ -16,9 +16,11 @@ from pathlib import Path
 from autoquant.cli.args import options_from_args
 from autoquant.core.errors import AutoquantError
 from autoquant.core.paths import cache_dir
+from autoquant.execute.lora import check_lora_files
 from autoquant.execute.tuning import settings_for
 from autoquant.models import resolve
 from autoquant.models.inventory import pipeline_layout
+from autoquant.models.single_file import inspect, is_single_file
 from autoquant.probe.gpu_table import find_gpu
 
 
@@ -60,8 +62,25 @@ def check_gpu(args: argparse.Namespace) -> None:
 
 
 def check_model(args: argparse.Namespace) -> None:
-    """The model resolves, and a folder's model_index.json and component configs parse."""
-    pipeline_layout(resolve(args.model))
+    """The model resolves, and a folder's model_index.json and component configs parse; a
+    single-file checkpoint's header and --config are read (its conversion comes later)."""
+    config = getattr(args, "config", None)
+    if is_single_file(args.model):
+        inspect(Path(args.model), config)
+    else:
+        pipeline_layout(resolve(args.model, config))
+
+
+def check_gguf(args: argparse.Namespace) -> None:
+    """--gguf's file holds the model's denoiser: its tensor names and shapes against the
+    model's configs (check_settings has read the file itself)."""
+    if args.gguf is None or is_single_file(args.model):  # a single file's layout comes later
+        return
+    from autoquant.backends.gguf.user_file import check_model as check_file
+    from autoquant.backends.gguf.user_file import read_gguf_file
+
+    layout = pipeline_layout(resolve(args.model, getattr(args, "config", None)))
+    check_file(read_gguf_file(Path(args.gguf)), layout)
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -83,14 +102,19 @@ def check_cache(_args: argparse.Namespace) -> None:
         )
 
 
+def check_lora(args: argparse.Namespace) -> None:
+    """Each --lora is a safetensors file (never a pickle), and peft is there to load it."""
+    check_lora_files(args.lora)
+
+
 Check = Callable[[argparse.Namespace], None]
 # What each command reads or writes before its heavy work starts; commands not listed need none.
 # The model comes last: a hub id may wait up to HUB_CONNECT_TIMEOUT_S for the network.
 CHECKS: dict[str, tuple[Check, ...]] = {
     "probe": (check_gpu,),
-    "plan": (check_gpu, check_settings, check_cache, check_model),
-    "run": (check_settings, check_out, check_cache, check_model),
-    "serve": (check_settings, check_cache, check_model),
+    "plan": (check_gpu, check_settings, check_cache, check_model, check_gguf),
+    "run": (check_settings, check_out, check_cache, check_lora, check_model, check_gguf),
+    "serve": (check_settings, check_cache, check_lora, check_model, check_gguf),
     "convert": (check_model,),
     "cache": (check_cache,),
 }

@@ -3,12 +3,13 @@ device; and the call arguments every pipeline family takes."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoquant.backends import BuildRequest, get_backend
 from autoquant.backends.tier import VAE_TILE_PIXELS
+from autoquant.execute.lora import LoraFile, apply_lora
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import PlannedTier
 
@@ -114,8 +115,15 @@ def build_tier(
     inventory: ModelInventory,
     device: str,
     progress: bool,
+    lora: Sequence[LoraFile] = (),
+    variant: str | None = None,
+    gguf_file: Path | None = None,
 ) -> DiffusionPipeline:
-    """Load one tier and make it ready to run (memory options applied, on its device)."""
+    """Load one tier and make it ready to run (``lora`` applied, memory options applied, on its
+    device). The LoRA goes in before the memory options: offload hooks come after it, never
+    taken apart and put back by diffusers' loader. ``variant``: the weights variant asked for
+    (None: the one the folder ships instead of standard weights, if any). ``gguf_file``: the
+    user's GGUF file of the denoiser (--gguf), which a gguf tier loads instead of converting."""
     from autoquant.models.variant import weights_variant
 
     backend = get_backend(planned.tier.backend)
@@ -126,9 +134,12 @@ def build_tier(
         device=device,
         device_map=planned.device_map,
         progress=progress,
-        variant=weights_variant(folder),
+        variant=weights_variant(folder, variant),
+        gguf_file=gguf_file if planned.tier.backend == "gguf" else None,
     )
-    pipe = backend.load(request)
+    encoders = planned.tier.encoders
+    pipe = backend.load(request, get_backend(encoders.backend) if encoders else None)
     backend.post_process(pipe, request)
+    apply_lora(pipe, lora, planned.tier, planned.label)
     apply_memory_options(pipe, planned, device)
     return pipe

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ from autoquant.core.console import Log, progress_log
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.execute import memory
 from autoquant.execute.build import build_tier
+from autoquant.execute.lora import LoraFile, fusion_note, lora_report
 from autoquant.execute.smoke import SmokeSettings, smoke_test
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import Plan, PlannedTier
@@ -66,6 +67,8 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     adjustments: list[str] = field(default_factory=list)  # what OOM recovery changed later
     cache: dict[str, Any] | None = None  # the tuning cache's verdict, when one was consulted
+    lora: tuple[LoraFile, ...] = ()  # applied to every tier built, a fallback's too
+    variant: str | None = None  # the weights variant loaded (None: standard weights)
 
     @property
     def chosen(self) -> PlannedTier:
@@ -81,8 +84,10 @@ class Result:
         estimate = self.chosen.estimate
         allocator_peak = max(estimate.peak_bytes, estimate.load_peak_bytes)
         in_allocator = self.plan.device.startswith("cuda")
+        encoders = self.chosen.tier.encoders
         return {
             "model": self.plan.model,
+            "variant": self.variant,
             "chosen": {
                 "backend": self.chosen.tier.backend,
                 "precision": self.chosen.tier.precision,
@@ -90,8 +95,11 @@ class Result:
                 "compute_dtype": self.chosen.tier.compute_dtype,
                 "components": list(self.chosen.tier.quantized_components),
                 "memory_options": list(self.chosen.tier.memory_options),
+                "encoders": encoders.to_dict() if encoders else None,
                 "device_map": self.chosen.device_map,
-                "description": get_backend(self.chosen.tier.backend).describe(self.chosen.tier),
+                "description": "; ".join(
+                    get_backend(part.backend).describe(part) for part in self.chosen.tier.parts
+                ),
                 "fidelity": self.chosen.fidelity,
                 "objective": self.plan.objective,
                 "parts": self.chosen.parts,
@@ -116,12 +124,19 @@ class Result:
                 "overhead": "CPU runtime" if self.plan.device == "cpu" else "CUDA context",
                 "required_bytes": estimate.required_bytes,
             },
+            "lora": lora_report(self.lora, self.chosen.tier, self.chosen.label),
             "warnings": list(self.warnings),
             "adjustments": list(self.adjustments),
             "cache": self.cache,
             "probe": self.profile.to_dict(),
             "plan": self.plan.to_dict(),
         }
+
+
+def _gguf_file(plan: Plan) -> Path | None:
+    """The user's GGUF file of the denoiser the plan was made for (--gguf), if any."""
+    path = plan.settings["force"].get("gguf")
+    return Path(path) if path else None
 
 
 def _try_tier(
@@ -133,6 +148,9 @@ def _try_tier(
     smoke: SmokeSettings,
     progress: bool,
     log: Log,
+    lora: Sequence[LoraFile] = (),
+    variant: str | None = None,
+    gguf_file: Path | None = None,
 ) -> tuple[DiffusionPipeline | None, Attempt]:
     tier = planned.tier
     attempt = Attempt(
@@ -142,7 +160,13 @@ def _try_tier(
         outcome="chosen",
         estimate_bytes=planned.estimate.required_bytes,
     )
-    reason = get_backend(tier.backend).unavailable_reason(device, tier.precision)
+    reason = next(
+        filter(
+            None,
+            (get_backend(t.backend).unavailable_reason(device, t.precision) for t in tier.parts),
+        ),
+        None,
+    )
     if reason:
         attempt.outcome, attempt.phase, attempt.error = "unavailable", "check", reason
         log(f"  skip {planned.label}: {reason}")
@@ -157,7 +181,14 @@ def _try_tier(
     started = time.perf_counter()
     try:
         pipe = build_tier(
-            planned, folder=folder, inventory=inventory, device=device, progress=progress
+            planned,
+            lora=lora,
+            folder=folder,
+            inventory=inventory,
+            device=device,
+            progress=progress,
+            variant=variant,
+            gguf_file=gguf_file,
         )
         attempt.load_seconds = time.perf_counter() - started
         attempt.weights_bytes = memory.allocated(device)
@@ -192,15 +223,18 @@ def execute(
     skip: Collection[str] = (),
     progress: bool = True,
     log: Log | None = None,
+    lora: Sequence[LoraFile] = (),
+    variant: str | None = None,
 ) -> Result:
     """Try the plan's ladder from ``start`` until a tier loads and passes its smoke test.
-    Tiers labelled in ``skip`` (known to run out of memory here) are recorded, not built."""
+    Tiers labelled in ``skip`` (known to run out of memory here) are recorded, not built.
+    ``variant``: the weights variant to load (models/variant.py; None: the folder's own)."""
     from autoquant import models
 
     log = log or progress_log(progress)
     if folder is None or inventory is None:
         source = models.resolve(plan.model)
-        folder = folder or models.materialize(source, progress=progress)
+        folder = folder or models.materialize(source, progress=progress, variant=variant)
         inventory = inventory or models.inventory(source)
     if smoke is None:
         side = min(256, plan.request.width, plan.request.height)
@@ -225,12 +259,15 @@ def execute(
             continue
         pipe, attempt = _try_tier(
             planned,
+            lora=lora,
             folder=folder,
             inventory=inventory,
             device=plan.device,
             smoke=smoke,
             progress=progress,
             log=log,
+            variant=variant,
+            gguf_file=_gguf_file(plan),
         )
         attempts.append(attempt)
         if index == 0 and plan.forced and attempt.outcome == "error":
@@ -241,11 +278,27 @@ def execute(
                 f"the forced tier {planned.label} failed at {attempt.phase}: {attempt.error}"
             )
         if pipe is not None:
-            warnings.extend(get_backend(planned.tier.backend).warnings())
+            for part in planned.tier.parts:
+                warnings.extend(
+                    w for w in get_backend(part.backend).warnings() if w not in warnings
+                )
             log(
                 f"  chose {planned.label}: smoke test {attempt.smoke_seconds:.2f} s, "
                 f"{attempt.step_seconds:.3f} s/step"
             )
-            return Result(pipe, plan, profile, inventory, folder, index, attempts, warnings)
+            if lora:
+                log(f"  {fusion_note(planned.tier, planned.label)}")
+            return Result(
+                pipe,
+                plan,
+                profile,
+                inventory,
+                folder,
+                index,
+                attempts,
+                warnings,
+                variant=variant,
+                lora=tuple(lora),
+            )
     tried = "; ".join(f"{a.label}: {a.outcome} ({a.error})" for a in attempts)
     raise AutoquantError(f"no tier of {plan.model} could run here: {tried}")

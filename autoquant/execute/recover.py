@@ -74,6 +74,8 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
                 folder=result.folder,
                 inventory=result.inventory,
                 start=next_index,
+                lora=result.lora,
+                variant=result.variant,
                 progress=False,
                 log=log,
             )

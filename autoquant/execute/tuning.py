@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autoquant.backends import validate_tier_name
@@ -11,6 +12,7 @@ from autoquant.core.console import Log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import parse_size
 from autoquant.execute.ladder import Result, execute
+from autoquant.execute.lora import LoraFile, check_lora_files
 from autoquant.execute.smoke import SmokeSettings
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import Request
@@ -24,12 +26,17 @@ DEFAULT_MODEL = "builtin:tiny-sd"
 @dataclass(frozen=True)
 class TuneOptions:
     model: str = DEFAULT_MODEL
+    config: str | None = None  # a single-file model's architecture: folder or builtin:NAME
+    variant: str | None = None  # the weights variant to load (diffusers-cli's --variant)
     profiles: Sequence[str] = ()
     overrides: Sequence[str] = ()  # "dotted.key=value"
     backend: str | None = None
     precision: str | None = None
     optimize: str | None = None  # planner.optimize: speed | balanced | quality | card
     compute_dtype: str | None = None  # planner.compute_dtype: auto | bf16 | fp16 | fp32
+    # Memory options every plan must have, added to force.memory_options (`--cpu-offload`,
+    # `--vae-tiling`, `--vae-slicing`).
+    memory_options: tuple[str, ...] = ()
     device: str | None = None  # plan for another machine: cuda | cpu | mps
     vram: str | None = None  # plan for a card of this size (emulated)
     compute_capability: str | None = None
@@ -44,17 +51,24 @@ class TuneOptions:
     progress: bool = True
     use_cache: bool = True  # consult and update the tuning cache
     retune: bool = False  # ignore a saved decision (and replace it)
+    lora: tuple[LoraFile, ...] = ()  # LoRA files every tier built takes (execute/lora.py)
+    gguf: str | None = None  # the user's GGUF file of the denoiser: its weights, its tier
 
 
 def settings_for(options: TuneOptions) -> dict[str, Any]:
     overrides = list(options.overrides)
-    if options.backend:
+    weights = None
+    if options.gguf:
+        from autoquant.backends.gguf.user_file import forced_file
+
+        weights = forced_file(options.gguf, options.backend, options.precision)
+    elif options.backend:
         try:
             validate_tier_name(options.backend, options.precision)
         except ValueError as err:
             raise AutoquantError(f"--backend/--precision: {err}") from None
         overrides.append(f"force.backend={options.backend}")
-    if options.precision:
+    if options.precision and not weights:
         if not options.backend:
             raise AutoquantError(
                 "--precision needs --backend (e.g. --backend gguf --precision q4_0)"
@@ -64,7 +78,17 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
         overrides.append(f"planner.optimize={options.optimize}")
     if options.compute_dtype:
         overrides.append(f"planner.compute_dtype={options.compute_dtype}")
-    return load_settings(options.profiles, overrides)
+    settings = load_settings(options.profiles, overrides)
+    required = settings["force"]["memory_options"]
+    required += [o for o in options.memory_options if o not in required]
+    if weights is not None:
+        # The file's tier, forced past the profile's vocabulary (its K-quants are no precision
+        # autoquant converts to); force.gguf makes the planner plan only that tier's memory
+        # options (planner/plan.py _from_file) and the executor load the file (ladder.py).
+        settings["force"].update(
+            backend="gguf", precision=weights.precision, gguf=str(weights.path.resolve())
+        )
+    return settings
 
 
 def probe_for(options: TuneOptions, settings: dict[str, Any]) -> HardwareProfile:
@@ -116,13 +140,34 @@ def request_for(options: TuneOptions, settings: dict[str, Any], default_size: in
     )
 
 
+def check_variant(options: TuneOptions) -> None:
+    """A --variant is a variant name, and one that a local folder ships (a hub repo's files are
+    checked as they download, a built-in's once it is built)."""
+    if options.variant is None:
+        return
+    from autoquant import models
+    from autoquant.models.variant import check_variant_name, weights_variant
+
+    check_variant_name(options.variant)
+    source = models.resolve(options.model, options.config)
+    if source.local_path is not None:
+        weights_variant(source.local_path, options.variant)
+
+
 def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile, ModelInventory]:
     """The plan, the (possibly emulated) machine it is for, and the model it counted."""
     from autoquant import models
 
+    check_variant(options)
     settings = settings_for(options)
     profile = probe_for(options, settings)
-    inventory = models.inventory(models.resolve(options.model))
+    source = models.resolve(options.model, options.config)
+    if options.gguf:  # before counting the model: a wrong file is refused at once
+        from autoquant.backends.gguf.user_file import check_model, read_gguf_file
+        from autoquant.models.inventory import pipeline_layout
+
+        check_model(read_gguf_file(Path(options.gguf)), pipeline_layout(source))
+    inventory = models.inventory(source)
     request = request_for(options, settings, inventory.default_size)
     return plan(profile, inventory, settings, request), profile, inventory
 
@@ -141,14 +186,17 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
         tuning_key,
     )
     from autoquant.models.identity import model_identity
+    from autoquant.models.variant import weights_variant
     from autoquant.store.tuning_store import TuningStore
 
     say = log or (lambda _m: None)
+    check_lora_files(options.lora)
     the_plan, profile, inventory = make_plan(options)
     if options.vram_limit:
         memory.emulate_card(the_plan.device, parse_size(options.vram_limit))
-    source = models.resolve(options.model)
-    folder = models.materialize(source, progress=options.progress)
+    source = models.resolve(options.model, options.config)
+    folder = models.materialize(source, progress=options.progress, variant=options.variant)
+    variant = weights_variant(folder, options.variant)
     smoke = SmokeSettings(
         steps=options.smoke_steps,
         width=options.smoke_size or the_plan.request.width,
@@ -158,7 +206,7 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
     store = key = previous = None
     if options.use_cache:
         store = TuningStore(warn=say)
-        key = tuning_key(profile, the_plan, model_identity(folder))
+        key = tuning_key(profile, the_plan, model_identity(folder), options.lora)
         previous = None if options.retune else store.get(key.digest)
         index = saved_index(previous, the_plan) if previous else None
         cache = {"key": key.digest, "path": str(store.path), "hit": index is not None}
@@ -179,6 +227,8 @@ def tune(options: TuneOptions, log: Log | None = None) -> Result:
         skip=skip,
         progress=options.progress,
         log=log,
+        lora=options.lora,
+        variant=variant,
     )
     result.cache = cache
     if store is not None and key is not None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from autoquant.execute.lora import LoraFile, lora_key
 
 if TYPE_CHECKING:
     from autoquant.execute.ladder import Result
@@ -44,11 +47,17 @@ def torch_and_diffusers_versions() -> dict[str, str | None]:
     return found
 
 
-def tuning_key(profile: HardwareProfile, plan: Plan, model_identity: str) -> TuningKey:
+def tuning_key(
+    profile: HardwareProfile, plan: Plan, model_identity: str, lora: Sequence[LoraFile] = ()
+) -> TuningKey:
+    """The key of a tuning decision. A run with LoRAs keys on their files too: they can change
+    which tier builds (one that cannot take them fails), so a decision made without them is
+    not replayed with them. A run without keeps the key it had before LoRAs were taken."""
     gpu = profile.primary_gpu if profile.has_gpu else None
     settings = json.dumps(plan.settings, sort_keys=True, default=str)
     return TuningKey(
         {
+            **({"lora": lora_key(lora)} if lora else {}),
             "accelerator": profile.accelerator,
             "gpu": gpu.name if gpu else None,
             "vram_total_bytes": gpu.total_bytes if gpu else None,

@@ -20,9 +20,10 @@ from autoquant.core.errors import ModelNotFoundError, error_line
 from autoquant.core.fsutil import write_text_atomic
 from autoquant.core.paths import cache_dir
 from autoquant.models.builtin import load_builtin
+from autoquant.models.components import component_role, counted_components
 from autoquant.models.groups import resident_params
-from autoquant.models.source import download_from_hub
-from autoquant.models.types import ComponentInventory, Family, ModelInventory, ModelSource, Role
+from autoquant.models.hub import download_from_hub
+from autoquant.models.types import ComponentInventory, Family, ModelInventory, ModelSource
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,29 +57,6 @@ class PipelineLayout:
             sort_keys=True,
         ).encode()
         return hashlib.sha256(canonical).hexdigest()
-
-
-def component_role(name: str) -> Role | None:
-    """The role of a pipeline attribute, or None for parts that are not counted (tokenizers,
-    schedulers, safety checkers, image encoders and processors)."""
-    if name in ("unet", "transformer"):
-        return "denoiser"
-    if name == "vae":
-        return "vae"
-    if name.startswith("text_encoder"):
-        return "text_encoder"
-    return None
-
-
-def counted_components(model_index: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """Counted component name -> (library, class name), skipping entries set to None."""
-    counted = {}
-    for name, entry in model_index.items():
-        if component_role(name) is None or not isinstance(entry, list) or entry[0] is None:
-            continue
-        library, class_name = entry
-        counted[name] = (str(library), str(class_name))
-    return counted
 
 
 def import_component_class(library: str, class_name: str) -> type:

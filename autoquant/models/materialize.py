@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from autoquant.core.fsutil import atomic_dir
 from autoquant.core.paths import cache_dir
 from autoquant.models.builtin import BuiltinSpec, load_builtin
+from autoquant.models.hub import download_from_hub
 from autoquant.models.inventory import build_on_meta, import_component_class
-from autoquant.models.source import download_from_hub
 from autoquant.models.tokenizers import build_tokenizer
 from autoquant.models.types import ModelSource
 
@@ -36,15 +36,20 @@ COLLECT_AFTER_PARAMS = 100_000_000
 
 
 def materialize(
-    source: ModelSource, *, device: str = "cpu", progress: bool = True, seed: int = 0
+    source: ModelSource,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    variant: str | None = None,
 ) -> Path:
-    """The folder to pass to ``from_pretrained``: a local folder as is, a hub snapshot, or a
-    built-in built once into the cache (random weights drawn on ``device``; a given device and
-    seed always gives the same weights)."""
+    """The folder to pass to ``from_pretrained``: a local folder as is, a hub snapshot (with the
+    weights ``variant``), or a built-in built once into the cache (random weights drawn on
+    ``device``; a given device and seed always gives the same weights)."""
     if source.kind == "local":
         return Path(source.name)
     if source.kind == "hub":
-        return download_from_hub(source.name, configs_only=False)
+        return download_from_hub(source.name, configs_only=False, variant=variant)
     spec = load_builtin(source.name)
     target = builtin_folder(spec, seed)
     if not target.is_dir():

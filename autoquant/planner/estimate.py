@@ -137,19 +137,29 @@ def _format(tier: Tier) -> WeightFormat | None:
     return backend_class(tier.backend).format(tier.precision)
 
 
+def component_format(tier: Tier, component: ComponentInventory) -> tuple[str, str] | None:
+    """The (backend, precision) that quantizes ``component`` under ``tier`` (a text encoder's
+    precision as its backend gives text encoders), or None where it stays unquantized."""
+    for part in tier.parts:
+        if component.name in part.quantized_components:
+            backend = backend_class(part.backend)
+            precision = part.precision
+            if component.role == "text_encoder":
+                precision = backend.text_encoder_precision(precision)
+            return part.backend, precision
+    return None
+
+
 def _component_bytes(inventory: ModelInventory, tier: Tier) -> dict[str, int]:
     backend = backend_class(tier.backend)
     sizes: dict[str, int] = {}
     for component in inventory.components:
+        quantized = component_format(tier, component)
         if component.role == "vae":
             sizes[component.name] = component_weight_bytes(component, None, _vae_dtype(tier))
-        elif component.name in tier.quantized_components:
-            precision = tier.precision
-            if component.role == "text_encoder":
-                precision = backend.text_encoder_precision(tier.precision)
-            sizes[component.name] = component_weight_bytes(
-                component, backend.format(precision), tier.compute_dtype
-            )
+        elif quantized is not None:
+            fmt = backend_class(quantized[0]).format(quantized[1])
+            sizes[component.name] = component_weight_bytes(component, fmt, tier.compute_dtype)
         else:  # unquantized: at the precision the backend loads it in
             dtype = backend.load_dtype(tier.precision, tier.compute_dtype)
             sizes[component.name] = component_weight_bytes(component, None, dtype)
@@ -199,11 +209,14 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         dense_denoiser = component_weight_bytes(inventory.denoiser, None, tier.compute_dtype)
         others = 0 if offloaded else sum(s for n, s in sizes.items() if n != denoiser)
         load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
-    if offloaded and fmt is not None and fmt.quantizes_on_device:
-        # Quantized onto the GPU while loading, then moved to the CPU one component at a time
-        # (backends/base.py), so the largest one is the load peak. Loaded together, Flux-dev NF4
-        # with T5 quantized peaked at 11.24 GB while loading (docs/benchmarks.md).
-        load_peak = max([load_peak, *(sizes[n] for n in tier.quantized_components if n in sizes)])
+    for part in tier.parts:
+        part_fmt = backend_class(part.backend).format(part.precision)
+        if offloaded and part_fmt is not None and part_fmt.quantizes_on_device:
+            # Quantized onto the GPU while loading, then moved to the CPU one component at a time
+            # (backends/base.py), so the largest one is the load peak. Loaded together, Flux-dev
+            # NF4 with T5 quantized peaked at 11.24 GB while loading (docs/benchmarks.md).
+            held = (sizes[n] for n in part.quantized_components if n in sizes)
+            load_peak = max([load_peak, *held])
     overhead = CUDA_CONTEXT_BYTES if on_gpu else CPU_RUNTIME_BYTES
     return Estimate(
         components=sizes,

@@ -20,8 +20,10 @@ FIDELITY_CLASSES: tuple[tuple[str, float], ...] = (
 
 
 def fidelity_class(tier: Tier) -> str:
-    """The class of ``tier``'s measured per-layer error."""
-    error = backend_class(tier.backend).layer_error(tier.precision)
+    """The class of ``tier``'s measured per-layer error: the worst of its parts', so a bf16
+    denoiser beside 4-bit text encoders is 4bit class (the errors were measured on denoiser
+    layers; a text encoder's are taken at its format's figure)."""
+    error = max(backend_class(t.backend).layer_error(t.precision) for t in tier.parts)
     return next(name for name, bound in FIDELITY_CLASSES if error <= bound)
 
 

@@ -248,14 +248,16 @@ def first_call_seconds(inventory: ModelInventory, tier: Tier, *, pinned_bytes: i
     after the first, so later loads pay less than this)."""
     figures = calibration()["gpu"]["first_call"]
     dense_gb = inventory.params * 2 / GB
-    quantized_gb = (
-        sum(inventory.component(name).params for name in tier.quantized_components) * 2 / GB
-    )
     seconds = dense_gb / figures["read_gb_s"]
-    seconds += quantized_gb * figures["quantize_s_per_gb"][tier.backend]
+    for part in tier.parts:
+        quantized_gb = (
+            sum(inventory.component(name).params for name in part.quantized_components) * 2 / GB
+        )
+        seconds += quantized_gb * figures["quantize_s_per_gb"][part.backend]
     seconds += pinned_bytes / GB / figures["pin_gb_s"]
-    if tier.backend == "gguf":
-        seconds += inventory.denoiser.params * 2 / GB * figures["convert_s_per_gb"][tier.precision]
+    if tier.backend == "gguf":  # a user's file (--gguf, K-quants) is not converted
+        per_gb = figures["convert_s_per_gb"].get(tier.precision, 0.0)
+        seconds += inventory.denoiser.params * 2 / GB * per_gb
     return seconds
 
 

@@ -5,19 +5,19 @@ shipped tables."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autoquant.backends import UNQUANTIZED, backend_class
-from autoquant.backends.tier import Tier
+from autoquant.backends.tier import GROUP_OFFLOAD_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes
 from autoquant.models.types import ModelInventory, ModelSource
-from autoquant.planner.estimate import Estimate, Request, estimate
+from autoquant.planner.estimate import Estimate, Request, component_format, estimate
 from autoquant.planner.facts import machine_facts
 from autoquant.planner.fidelity import fidelity_class, fidelity_rank
 from autoquant.planner.latency import Latency, predict
-from autoquant.planner.rules import ladder_entries, load_settings, resolve_bound
+from autoquant.planner.rules import encoder_formats, ladder_entries, load_settings, resolve_bound
 from autoquant.probe.types import HardwareProfile
 
 # The design card's order of memory options by what they cost in speed, cheapest first (the card
@@ -137,11 +137,9 @@ def _parts(inventory: ModelInventory, tier: Tier, est: Estimate) -> dict[str, di
     backend = backend_class(tier.backend)
     out: dict[str, dict[str, Any]] = {}
     for component in inventory.components:
-        if component.name in tier.quantized_components:
-            precision = tier.precision
-            if component.role == "text_encoder":
-                precision = backend.text_encoder_precision(precision)
-            fmt = f"{tier.backend} {precision}"
+        quantized = component_format(tier, component)
+        if quantized is not None:
+            fmt = " ".join(quantized)
         elif component.role == "vae":
             fmt = backend.vae_dtype(tier.precision, tier.compute_dtype)
         else:
@@ -218,7 +216,58 @@ def _base_tier(ctx: _Context, backend: str, precision: str) -> Tier:
     return Tier(backend, precision, ctx.compute_dtype, components)
 
 
+def _with_encoders(ctx: _Context, base: Tier, backend: str, precision: str) -> Tier:
+    """``base`` with its text encoders quantized by ``backend`` at ``precision`` instead."""
+    names = tuple(c.name for c in ctx.inventory.text_encoders)
+    own = tuple(n for n in base.quantized_components if n not in names)
+    encoders = EncoderFormat(backend, precision, names)
+    return replace(base, quantized_components=own, encoders=encoders)
+
+
+def _mixed(ctx: _Context, base: Tier) -> list[Tier]:
+    """``base`` with its text encoders in each of components.text_encoder_formats that another
+    backend brings, can run here, and that ``base``'s backend declares it ran beside."""
+    if not ctx.inventory.text_encoders:
+        return []
+    if ctx.settings["components"]["quantize_text_encoders"] == "never":
+        return []
+    declared = backend_class(base.backend).encoder_backends
+    return [
+        _with_encoders(ctx, base, backend, precision)
+        for backend, precision in encoder_formats(ctx.settings)
+        if backend != base.backend
+        and backend in declared
+        and not _unusable_reason(ctx, backend, precision)
+    ]
+
+
 def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
+    """Ways to make a tier smaller, cheapest in speed first: (tier, device_map, what changed),
+    each with the memory options the user required (force.memory_options without
+    force.backend: `--cpu-offload`, `--vae-tiling`, `--vae-slicing`), duplicates dropped."""
+    required = ctx.settings["force"]["memory_options"]
+    if ctx.settings["force"]["backend"] or not required:
+        return _shrinking(ctx, base)
+    placement = next((o for o in reversed(required) if o in OFFLOAD_OPTIONS), None)
+    if placement and not ctx.on_gpu:
+        raise AutoquantError(
+            f"{placement.replace('_', ' ')} moves weights between a GPU and the CPU: this plan "
+            "is for the CPU (drop --cpu-offload, or plan for a GPU)"
+        )
+    # A required group offload is met by either kind: streams are its faster form.
+    placements = GROUP_OFFLOAD_OPTIONS if placement == "group_offload" else (placement,)
+    others = [o for o in required if o not in OFFLOAD_OPTIONS]
+    out: list[tuple[Tier, str | None, str]] = []
+    for tier, device_map, change in _shrinking(ctx, base):
+        tier = tier.with_options(*others)
+        if placement and tier.placement not in placements:
+            continue
+        if all((tier, device_map) != (t, d) for t, d, _ in out):
+            out.append((tier, device_map, change))
+    return out
+
+
+def _shrinking(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
     """Ways to make a tier smaller, cheapest in speed first: (tier, device_map, what changed)."""
     inv = ctx.inventory
     backend = backend_class(base.backend)
@@ -229,15 +278,10 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         policy == "auto"
         and backend.quantizes_text_encoders()
         and inv.text_encoders
-        and len(base.quantized_components) == 1
+        and not base.encoders_quantized
     ):
-        tier = Tier(
-            base.backend,
-            base.precision,
-            base.compute_dtype,
-            base.quantized_components + tuple(c.name for c in inv.text_encoders),
-            base.memory_options,
-        )
+        names = base.quantized_components + tuple(c.name for c in inv.text_encoders)
+        tier = replace(base, quantized_components=names)
         out.append((tier, None, "with the text encoders quantized"))
     tier = tier.with_options("vae_slicing", "vae_tiling")
     out.append((tier, None, "with VAE slicing and tiling"))
@@ -355,16 +399,50 @@ def _precision_for(ctx: _Context, backend: str, *, say: bool = True) -> str:
     return precision
 
 
+def _from_file(ctx: _Context) -> tuple[PlannedTier, tuple[PlannedTier, ...]]:
+    """--gguf: the denoiser's weights are the user's file, so only how the pipeline is built
+    around it is planned — memory options, placement, the text encoders' format — chosen by the
+    objective among the file's tier's variants, with the fallbacks among them too (any other
+    tier would put other weights in the file's place)."""
+    force = ctx.settings["force"]
+    ctx.path.append(f"--gguf {force['gguf']}: the denoiser's weights are the file's")
+    base = _base_tier(ctx, force["backend"], force["precision"])
+    base = base.with_options(*force["memory_options"])
+    if force["text_encoders"]:
+        bases = [_with_encoders(ctx, base, *force["text_encoders"].split())]
+    else:  # the text encoders as its own backend leaves them, or in another's format
+        bases = [base, *_mixed(ctx, base)]
+    tried = [ctx.planned(t, device_map) for b in bases for t, device_map, _ in _variants(ctx, b)]
+    if any(p.fits for p in tried):
+        chosen = _timed_choice(ctx, tried)
+        return chosen, _timed_ladder(ctx, chosen, tried)
+    chosen = min(tried, key=lambda p: p.estimate.required_bytes)
+    ctx.path.append(f"forced: {_describe_fit(ctx, chosen)}")
+    ctx.path.append("warning: no memory option makes the file's tier fit; trying it anyway")
+    return chosen, (chosen,)
+
+
 def _forced(ctx: _Context) -> PlannedTier:
     force = ctx.settings["force"]
     backend = force["backend"]
     precision = force["precision"] or _precision_for(ctx, backend)
     base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
+    if force["text_encoders"]:
+        encoder_backend, encoder_precision = force["text_encoders"].split()
+        base = _with_encoders(ctx, base, encoder_backend, encoder_precision)
+        if encoder_backend not in (*backend_class(backend).encoder_backends, backend):
+            ctx.path.append(
+                f"warning: {backend} does not declare text encoders of {encoder_backend} beside "
+                "it (no run has shown the pair)"
+            )
     chosen = ctx.planned(base)
     ctx.path.append(f"forced: {chosen.label}")
-    reason = _unusable_reason(ctx, backend, precision)
-    if reason:
-        ctx.path.append(f"warning: {backend} cannot run here ({reason}); it will be recorded")
+    for part in base.parts:
+        reason = _unusable_reason(ctx, part.backend, part.precision)
+        if reason:
+            ctx.path.append(
+                f"warning: {part.backend} cannot run here ({reason}); it will be recorded"
+            )
     if not chosen.fits:
         ctx.path.append(f"warning: {_describe_fit(ctx, chosen)}; falling back on OOM")
     return chosen
@@ -425,10 +503,12 @@ def _priced(ctx: _Context) -> list[PlannedTier]:
             bases.append((backend, precision))
     if skipped:
         ctx.path.append(f"left out what cannot run here: {', '.join(skipped)}")
+    tiers = [_base_tier(ctx, backend, precision) for backend, precision in bases]
+    tiers += [mixed for tier in tiers for mixed in _mixed(ctx, tier)]
     return [
         ctx.planned(tier, device_map)
-        for backend, precision in bases
-        for tier, device_map, _ in _variants(ctx, _base_tier(ctx, backend, precision))
+        for base in tiers
+        for tier, device_map, _ in _variants(ctx, base)
     ]
 
 
@@ -573,7 +653,13 @@ def plan(
         f"budget: {where} × headroom {headroom:g} = {format_bytes(ctx.budget)}; compute dtype "
         f"{ctx.compute_dtype}; estimate for {request.width}x{request.height}, batch {request.batch}"
     )
-    if ctx.objective == "card":
+    required = settings["force"]["memory_options"]
+    if required and not settings["force"]["backend"]:
+        said = ", ".join(o.replace("_", " ") for o in required)
+        ctx.path.append(f"required: {said} (every plan below has it)")
+    if settings["force"].get("gguf"):  # set by execute/tuning.py's settings_for (--gguf)
+        chosen, ladder = _from_file(ctx)
+    elif ctx.objective == "card":
         chosen = _forced(ctx) if settings["force"]["backend"] else _card_choice(ctx)
         ladder = _card_ladder(ctx, chosen)
     else:

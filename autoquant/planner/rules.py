@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from autoquant.backends import backend_names, validate_tier_name
+from autoquant.backends import backend_class, backend_classes, backend_names, validate_tier_name
 from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import AutoquantError, ConfigError
 from autoquant.core.paths import profiles_dir
@@ -33,6 +33,7 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
     "request.height": (int,),
     "force.backend": (str,),
     "force.precision": (str,),
+    "force.text_encoders": (str,),  # "backend precision"
 }
 # What decides among the plans that fit (planner/plan.py says how each one chooses).
 OBJECTIVES = ("speed", "balanced", "quality", "card")
@@ -46,7 +47,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "components.quantize_text_encoders": ("auto", "always", "never"),
 }
 # Sections validated by their own functions rather than key by key.
-_FREEFORM = {"tree", "ladder", "precision", "force.memory_options"}
+_FREEFORM = {
+    "tree",
+    "ladder",
+    "precision",
+    "force.memory_options",
+    "components.text_encoder_formats",
+}
 # Keys holding a memory size ("8GB"), read by core/units.py's parse_size.
 _SIZES = {"hardware.vram"}
 
@@ -286,6 +293,22 @@ def _parse_tier(text: Any, where: str) -> tuple[str, str]:
     return backend, precision
 
 
+def _parse_encoder_format(entry: tuple[str, str], where: str) -> tuple[str, str]:
+    """A text-encoder format: a backend that quantizes text encoders, at a precision of its."""
+    if not backend_class(entry[0]).quantizes_text_encoders():
+        able = ", ".join(b.name for b in backend_classes() if b.quantizes_text_encoders())
+        raise ConfigError(f"{where}: {entry[0]} does not quantize text encoders (choose {able})")
+    return entry
+
+
+def encoder_formats(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """components.text_encoder_formats as (backend, precision) pairs."""
+    return [
+        _parse_tier(e, "components.text_encoder_formats")
+        for e in settings["components"]["text_encoder_formats"]
+    ]
+
+
 def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
     def where(key: str) -> str:
         for layer in reversed(layers):
@@ -359,6 +382,14 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
         raise ConfigError(f"{where('ladder')}: 'ladder' must be a non-empty list")
     for entry in ladder:
         _parse_tier(entry, where("ladder"))
+    formats = settings["components"]["text_encoder_formats"]
+    here = where("components.text_encoder_formats")
+    if not isinstance(formats, list):
+        raise ConfigError(
+            f"{here}: components.text_encoder_formats is a list of 'backend precision'"
+        )
+    for entry in formats:
+        _parse_encoder_format(_parse_tier(entry, here), here)
 
     force = settings["force"]
     if force["precision"] is not None and force["backend"] is None:
@@ -368,6 +399,11 @@ def _check_sections(settings: dict[str, Any], layers: Sequence[Layer]) -> None:
             validate_tier_name(force["backend"], force["precision"])
         except ValueError as err:
             raise ConfigError(f"{where('force.backend')}: {err}") from None
+    if force["text_encoders"] is not None:
+        here = where("force.text_encoders")
+        if force["backend"] is None:
+            raise ConfigError(f"{here}: force.text_encoders needs force.backend")
+        _parse_encoder_format(_parse_tier(force["text_encoders"], here), here)
     options = force["memory_options"]
     if not isinstance(options, list) or any(o not in MEMORY_OPTIONS for o in options):
         raise ConfigError(

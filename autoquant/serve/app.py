@@ -60,11 +60,15 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+JSON_TYPE, PNG_TYPE = "application/json", "image/png"
 _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "n = 1: the PNG (seed in the X-Seed header); n > 1: JSON with base64 PNGs",
-        "content": {"image/png": {}, "application/json": {}},
+        "description": "by the Accept header alone (the seed also in X-Seed): application/json "
+        "(the default, and */*) → {seed, width, height, images: [base64 PNG, …]} for any n; "
+        "image/png → the PNG itself, for n = 1 only",
+        "content": {JSON_TYPE: {}, PNG_TYPE: {}},
     },
+    406: {"description": "Accept allows neither type, or image/png with n > 1"},
     413: {"description": "the body is too large, or the request needs more memory than here"},
     422: {
         "description": "a field is invalid (`errors` names it), or the request would take "
@@ -75,6 +79,39 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     507: {"description": "does not fit in memory even on the last tier"},
 }
+
+
+def response_type(accept: str | None) -> str | None:
+    """The type `POST /generate` answers in for an Accept header: the one of JSON and PNG with
+    the higher quality (the most specific media range that matches sets it), JSON on a tie, so
+    `*/*` and no header mean JSON; None when Accept rules both out. It depends on the header
+    alone, never on the request: a client always knows what comes back."""
+    if not accept or not accept.strip():
+        return JSON_TYPE
+    ranges: list[tuple[str, float]] = []
+    for part in accept.split(","):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0  # a range with a malformed weight accepts nothing
+        if media:
+            ranges.append((media.lower(), quality))
+
+    def quality_of(offered: str) -> float:
+        kind = offered.split("/")[0]
+        for candidate in (offered, f"{kind}/*", "*/*"):  # the most specific range decides
+            matches = [q for media, q in ranges if media == candidate]
+            if matches:
+                return max(matches)
+        return 0.0
+
+    best = max((JSON_TYPE, PNG_TYPE), key=quality_of)  # max keeps the first (JSON) on a tie
+    return best if quality_of(best) > 0 else None
 
 
 def _png(image: Image) -> bytes:
@@ -291,6 +328,20 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         width, height = worker.default_size
         generation = resolve(body, width, height, seed=secrets.randbelow(MAX_SEED + 1))
+        answer_type = response_type(request.headers.get("accept"))
+        # Refused before it queues: nothing runs for an answer the client would not take.
+        if answer_type is None:
+            return JSONResponse(
+                {"detail": f"Accept allows neither {JSON_TYPE} nor {PNG_TYPE}"}, status_code=406
+            )
+        if answer_type == PNG_TYPE and generation.n > 1:
+            return JSONResponse(
+                {
+                    "detail": f"Accept: {PNG_TYPE} carries one image and n is {generation.n}: "
+                    f"ask for {JSON_TYPE} (base64 PNGs) or n = 1"
+                },
+                status_code=406,
+            )
         outcome = await run(generation, request)
         if isinstance(outcome, Failure):
             if outcome.status == CLIENT_CLOSED_REQUEST:
@@ -302,10 +353,10 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
                 body_["errors"] = [{"field": outcome.field, "message": outcome.detail}]
             return JSONResponse(body_, status_code=outcome.status)
         images = outcome
-        headers = {"X-Seed": str(generation.seed)}
-        if generation.n == 1:
+        headers = {"X-Seed": str(generation.seed), "Vary": "Accept"}
+        if answer_type == PNG_TYPE:
             png = await asyncio.to_thread(_png, images[0])
-            return Response(png, media_type="image/png", headers=headers)
+            return Response(png, media_type=PNG_TYPE, headers=headers)
         pngs = await asyncio.to_thread(lambda: [_png(image) for image in images])
         return JSONResponse(
             {

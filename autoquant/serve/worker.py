@@ -380,7 +380,7 @@ class Worker:
         from autoquant import models
 
         spec = self._options.model
-        local = models.resolve(spec).kind == "local"
+        local = models.resolve(spec, self._options.config).kind == "local"
         report = json_ready(result.report())
         private = private_locations(result, spec, local_model=local)
         self.report = public_report(report, private, local_model=local)
