@@ -4,11 +4,13 @@ the run's measured generation seconds and peak.
 
     python3 scripts/latency_check.py REPORT.json... [--markdown OUT.md]
 
-A report is either an `autoquant run --json` report (scripts/gpu_speed.sh writes them) or a
-scripts/cpu_choice.py result (cpu-choice.json), whose rows name the tier by backend, precision,
-compute dtype and memory options: their quantized components are the denoiser alone, as the
-planner builds a CPU tier that fits without quantizing the text encoders. The targets (issue
-"Tune for speed"): predicted seconds within ±25% of measured, estimated peak within ±10%.
+A report is an `autoquant run --json` report (scripts/gpu_speed.sh writes them), an `autoquant
+bench` bench.json (every tier that ran, its end-to-end generation against the prediction; compiled
+tiers left out, the latency model prices eager runs), or a scripts/cpu_choice.py result
+(cpu-choice.json), whose rows name the tier by backend, precision, compute dtype and memory
+options: their quantized components are the denoiser alone, as the planner builds a CPU tier that
+fits without quantizing the text encoders. The targets (issue "Tune for speed"): predicted seconds
+within ±25% of measured, estimated peak within ±10%.
 """
 
 from __future__ import annotations
@@ -89,6 +91,30 @@ def _from_run_report(
     )
 
 
+def _from_bench(
+    path: Path, bench: dict[str, Any], cache: dict[str, ModelInventory]
+) -> Iterator[dict[str, Any]]:
+    inv = _inventory(bench["model"], cache)
+    req = bench["request"]
+    request = Request(req["width"], req["height"], req["batch"], req["steps"])
+    profile = HardwareProfile.from_dict(bench["probe"])
+    on_gpu = profile.has_gpu
+    for record in bench["tiers"]:
+        if record["status"] != "ok" or record.get("compile") or not record.get("e2e_seconds"):
+            continue
+        peak = max(record.get("peak_bytes") or 0, record.get("load_peak_bytes") or 0)
+        yield _row(
+            f"{path.parent.name}/{record['spec']}",
+            inv,
+            Tier.from_dict(record["tier"]),
+            request,
+            profile,
+            record["e2e_seconds"],
+            peak or None,
+            on_gpu,  # the bench reads the CUDA allocator's peaks on a GPU
+        )
+
+
 def _from_cpu_choice(
     path: Path, result: dict[str, Any], cache: dict[str, ModelInventory]
 ) -> Iterator[dict[str, Any]]:
@@ -164,6 +190,8 @@ def main() -> None:
         data = json.loads(path.read_text())
         if "rows" in data:
             rows.extend(_from_cpu_choice(path, data, cache))
+        elif "tiers" in data and "budgets" in data:
+            rows.extend(_from_bench(path, data, cache))
         elif data.get("generation"):
             rows.append(_from_run_report(path, data, cache))
     table = markdown(rows)

@@ -53,10 +53,14 @@ def resident_params(module: nn.Module, library: str) -> tuple[int, int]:
     group: without streams, and with them (diffusers' use_stream).
 
     Without: every unmatched group on the way down (each onloaded for its module's whole forward)
-    plus one block, of the blocks' mean size. The mean, not the largest: the activation peak
-    comes in whichever block is running, and most of Flux's blocks are its 38 single blocks, a
-    third the size of its 19 double ones. Measured on an H200 (Flux-dev, torchao int8): 0.81 GB
-    peak against 0.80 estimated this way (0.93 with the largest block).
+    plus one block. In a transformer, of the blocks' mean size: every block sees the same
+    activations, so the peak comes in whichever runs, and most of Flux's blocks are its 38 single
+    blocks, a third the size of its 19 double ones. Measured on an H200 (Flux-dev, torchao int8):
+    0.81 GB peak against 0.80 estimated this way (0.93 with the largest block). In a UNet (one
+    with ``up_blocks``), the largest: its down blocks' skip activations stay alive through the up
+    blocks, so the peak comes with its largest, low-resolution up block on the device. Measured
+    on an H200 (SDXL, torchao int8 with text encoders, 1024²): 2.13 GB peak against 1.27 GB with
+    the mean block (docs/runs/2026-12-01-h200-sweep/sdxl/).
 
     With streams: the unmatched groups plus the two largest blocks, the one running and the next
     being copied beside it. Measured on an H200, bf16 at 1024²: SDXL's UNet (whose up_blocks[0]
@@ -85,5 +89,7 @@ def resident_params(module: nn.Module, library: str) -> tuple[int, int]:
         return total
 
     always = always_on(module)
-    mean_block = sum(blocks) // len(blocks) if blocks else 0
-    return always + mean_block, always + sum(sorted(blocks)[-2:])
+    if not blocks:
+        return always, always
+    one_block = max(blocks) if hasattr(module, "up_blocks") else sum(blocks) // len(blocks)
+    return always + one_block, always + sum(sorted(blocks)[-2:])

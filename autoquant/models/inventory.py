@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Bump when what is counted, or how, changes: old cache entries then stop matching.
-CACHE_FORMAT = 4  # 2: group_resident_params; 3: linear_in_features; 4: group_streamed_params
+# 2: group_resident_params; 3: linear_in_features; 4: group_streamed_params; 5: a UNet's
+# group_resident_params holds its largest block
+CACHE_FORMAT = 5
 
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
