@@ -500,3 +500,20 @@ def test_planned_tiers_are_each_budgets_ladder_and_run_where_they_can() -> None:
         "planned", profile=cpu, inventory=inv, request=request, budgets=budgets
     )
     assert on_cpu and all(s.backend != "bitsandbytes" and not s.offloaded for s in on_cpu)
+
+
+def test_an_out_folder_holding_another_models_tiers_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warm machine's work folder held Flux-dev's tiers when an SDXL sweep started there: they
+    must not be skipped as done (--resume) nor reported as SDXL's."""
+    tiers = tmp_path / "tiers"
+    tiers.mkdir()
+    (tiers / "none-bf16.json").write_text(
+        json.dumps({"spec": "none:bf16", "model": "builtin:flux-dev"})
+    )
+    args = ["bench", "--model", "builtin:tiny-sd", "--out", str(tmp_path), "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds tiers of builtin:flux-dev" in err
+    assert sorted(p.name for p in tiers.iterdir()) == ["none-bf16.json"]  # nothing measured

@@ -368,7 +368,7 @@ def test_mixed_plans_give_the_text_encoders_another_backends_format(
     # Declared pairs only: none pairs with torchao (a CPU run), not (yet) with bitsandbytes.
     monkeypatch.setattr(backend_class("none"), "encoder_backends", ("torchao",))
     ladder = plan(card, inv, load_settings(), request).ladder
-    mixed = [p for p in ladder if p.tier.encoders is not None]
+    mixed = [p for p in ladder if p.tier.encoders is not None and p.tier.backend == "none"]
     assert mixed and {p.tier.encoders.name for p in mixed} == {"torchao:int8"}
     bf16 = ladder[0]
     assert bf16.tier.backend == "none" and bf16.tier.encoders is None
@@ -398,10 +398,15 @@ def test_a_forced_mixed_tier_and_its_bad_spellings() -> None:
 
     inv = inventory(resolve("builtin:flux-dev"))
     card = made_up_machine(device="cuda", vram=24 * GB, compute_capability="9.0")
-    forced = ["force.backend=gguf", "force.precision=q8_0", "force.text_encoders=bitsandbytes nf4"]
+    # quanto declares no pairing: forced anyway, with a warning.
+    forced = [
+        "force.backend=quanto",
+        "force.precision=int8",
+        "force.text_encoders=bitsandbytes nf4",
+    ]
     the_plan = plan(card, inv, load_settings([], forced))
     tier = the_plan.chosen.tier
-    assert tier.label.startswith("gguf q8_0 (text encoders bitsandbytes nf4")
+    assert tier.label.startswith("quanto int8 (text encoders bitsandbytes nf4")
     assert tier.quantized_components == ("transformer",)
     assert tier.encoders is not None and tier.encoders.components == (
         "text_encoder",

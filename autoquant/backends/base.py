@@ -102,6 +102,8 @@ class QuantBackend(ABC):
     runs_on: ClassVar[Mapping[str, tuple[str, ...] | None]] = dict.fromkeys(ANY_ACCELERATOR)
     refused_on_device: ClassVar[str] = ""  # why, when an accelerator is refused
     fp8_precisions: ClassVar[tuple[str, ...]] = ()  # need a GPU with fp8 units (cc >= 8.9)
+    # Precisions that only pay compiled (the planner offers them compiled only, never eager).
+    compiled_only: ClassVar[tuple[str, ...]] = ()
     note_on: ClassVar[Mapping[str, str]] = {}  # accelerator → a caveat the probe shows there
 
     # --- what it can do --------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class BitsAndBytes(QuantBackend):
     # nf4 and int8 measured (docs/benchmarks.md, the larger of SDXL's and Flux-dev's); fp4 at
     # nf4's figure, the nearest measured (NF4 is the better-spread 4-bit code of the two).
     layer_errors = {"nf4": 9.2e-2, "fp4": 9.2e-2, "int8": 1.2e-2}
+    # torchao int8 text encoders beside SDXL NF4 on an H200
+    # (docs/runs/2026-12-01-h200-sweep/sdxl-mixed/).
+    encoder_backends = ("torchao",)
     # Fusing dequantizes and requantizes (peft warns of rounding errors); unmeasured, since
     # diffusers refuses it on the CPU. Kept an adapter.
     fuses_lora = False

@@ -12,9 +12,10 @@ class NoQuantization(QuantBackend):
     quantizes = ()
     survives_group_offload = True
     survives_group_offload_streams = True
-    # torchao int8 text encoders beside a bf16/fp32 pipeline: built and run on the CPU in
-    # tests/test_executor.py.
-    encoder_backends = ("torchao",)
+    # Text encoders beside a bf16/fp32 pipeline: torchao int8, built and run on the CPU in
+    # tests/test_executor.py and beside Flux-dev bf16 on an H200; bitsandbytes NF4 beside SDXL
+    # bf16 on an H200 (docs/runs/2026-12-01-h200-sweep/flux/, sdxl-mixed/).
+    encoder_backends = ("torchao", "bitsandbytes")
     # bf16 measured on SDXL and Flux-dev (docs/benchmarks.md); fp16 at bf16's figure (it has
     # three more mantissa bits, so it is no worse in range); fp32 is the reference itself.
     layer_errors = {"bf16": 2.3e-3, "fp16": 2.3e-3, "fp32": 0.0}

@@ -63,6 +63,9 @@ class Tier:
     quantized_components: tuple[str, ...] = ()  # what ``backend`` quantizes
     memory_options: tuple[str, ...] = ()
     encoders: EncoderFormat | None = None
+    # The denoiser compiled (execute/compile.py: its repeated blocks where its class declares
+    # them, else whole); resident tiers only (planner/plan.py says why).
+    compiled: bool = False
 
     @property
     def label(self) -> str:
@@ -73,6 +76,7 @@ class Tier:
         elif len(self.quantized_components) > 1:
             extras.append("text encoders quantized")
         extras.extend(o.replace("_", " ") for o in self.memory_options)
+        extras += ["compiled"] if self.compiled else []
         return text + (f" ({', '.join(extras)})" if extras else "")
 
     @property
@@ -131,6 +135,7 @@ class Tier:
             EncoderFormat(encoders["backend"], encoders["precision"], tuple(encoders["components"]))
             if encoders
             else None,
+            bool(data.get("compiled", False)),  # absent in records written before it existed
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +146,7 @@ class Tier:
             "components": list(self.quantized_components),
             "memory_options": list(self.memory_options),
             "encoders": self.encoders.to_dict() if self.encoders else None,
+            "compiled": self.compiled,
         }
 
 

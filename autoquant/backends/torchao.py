@@ -38,6 +38,10 @@ class TorchAo(QuantBackend):
     extra = "torchao"
     loggers = ("torchao",)
     fp8_precisions = ("float8",)
+    # Eager float8 (dynamic activations) is 2.9x slower than bf16 on an H200 (Flux-dev's
+    # transformer 508.2 against 173.8 ms); compiled (regionally) it is the fastest format there,
+    # 113.7 ms (../shared/notes/speed-levers.md, lab/gpu_levers.py).
+    compiled_only = ("float8",)
     quantizes = ("denoiser", "text_encoder")  # text encoders through transformers' configs
     # Measured on an H200: Flux-dev int8 streamed with group offload (docs/benchmarks.md).
     survives_group_offload = True
@@ -47,6 +51,9 @@ class TorchAo(QuantBackend):
     survives_group_offload_streams = True
     # The larger of SDXL's and Flux-dev's measurements (docs/benchmarks.md).
     layer_errors = {"int8": 9.0e-3, "float8": 3.7e-2}
+    # bitsandbytes NF4 text encoders beside Flux-dev int8 on an H200
+    # (docs/runs/2026-12-01-h200-sweep/flux/).
+    encoder_backends = ("bitsandbytes",)
     # Fusing requantizes: int8's fused output is off the adapter's by 9-12 % of the LoRA's own
     # contribution (twice bf16's 5 %; builtin:tiny-sd on CPU), float8 is unmeasured. Kept an
     # adapter, which is exact.

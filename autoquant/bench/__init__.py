@@ -98,6 +98,7 @@ class TierSpec:
             tier.precision,
             text_encoders=len(tier.quantized_components) > 1,
             memory_options=tier.memory_options,
+            compile=tier.compiled,
             encoders=tier.encoders.name if tier.encoders else None,
         )
 
@@ -132,13 +133,25 @@ class TierSpec:
             encoders = EncoderFormat(encoder_backend, encoder_precision, names)
         if self.backend == UNQUANTIZED:
             return Tier(
-                UNQUANTIZED, self.precision, self.precision, (), self.memory_options, encoders
+                UNQUANTIZED,
+                self.precision,
+                self.precision,
+                (),
+                self.memory_options,
+                encoders,
+                self.compile,
             )
         components: tuple[str, ...] = (inventory.denoiser.name,)
         if self.text_encoders:
             components += tuple(c.name for c in inventory.text_encoders)
         return Tier(
-            self.backend, self.precision, compute_dtype, components, self.memory_options, encoders
+            self.backend,
+            self.precision,
+            compute_dtype,
+            components,
+            self.memory_options,
+            encoders,
+            self.compile,
         )
 
 

@@ -604,8 +604,25 @@ def _run_plan(sweep: _Sweep) -> None:
         _write(sweep)
 
 
+def _check_out(sweep: _Sweep) -> None:
+    """OUT's tier records must be of this model: another model's (an --out reused, a warm
+    machine's work folder) would be skipped as done under --resume and mixed into the report."""
+    spec = sweep.inventory.source.spec
+    for path in sorted((sweep.out / TIERS_DIR).glob("*.json")):
+        try:
+            model = json.loads(path.read_text()).get("model")
+        except (OSError, ValueError):
+            continue  # unreadable: _load_records says so and skips it
+        if model is not None and model != spec:
+            raise AutoquantError(
+                f"{sweep.out} holds tiers of {model} ({path.name}), not {spec}: give another "
+                "--out, or remove its tiers/"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     sweep = _prepare(args)
+    _check_out(sweep)
     sweep.out.mkdir(parents=True, exist_ok=True)
     on_cuda = sweep.device == "cuda"
     if not args.report_only:

@@ -9,7 +9,8 @@ Steps, in order:
 1. build the tier with the executor's ``build_tier`` (a GGUF conversion is timed apart: cached);
 2. a 2-step generation that records the denoiser's first call — its real inputs at the request's
    latent size and batch, CFG doubling included — and warms everything up;
-3. with +compile, the denoiser is compiled now (its first call is timed as compile time);
+3. with +compile, the denoiser is compiled now, as the executor compiles it
+   (execute/compile.py; its first call is timed as compile time);
 4. --repeats denoiser forwards on the recorded inputs, after two warm-up forwards (then every
    component goes back where a pipeline call leaves it: with model offload, off the GPU);
 5. the timed generation: end-to-end seconds, peak memory, the image;
@@ -21,6 +22,7 @@ Steps, in order:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -283,7 +285,7 @@ class _TierRun:
         self.pipe: Any = None
         self.call: DenoiserCall | None = None
         self.image: np.ndarray | None = None
-        label = self.tier.label + (" (compiled)" if options.spec.compile else "")
+        label = self.tier.label
         self.record: dict[str, Any] = {
             "spec": options.spec.name,
             "label": label,
@@ -303,6 +305,7 @@ class _TierRun:
             "convert_cached": None,
             "load_seconds": None,
             "compile_seconds": None,
+            "compiled_how": None,  # "regional (…blocks…)" or "whole" (execute/compile.py)
             "memory_measure": "CUDA allocator" if self.device == "cuda" else "process RSS",
             "weights_bytes": None,
             "load_peak_bytes": None,
@@ -346,8 +349,9 @@ class _TierRun:
         memory.reset_peak(device)
         before = memory.allocated(device)
         started = time.perf_counter()
+        # Built eager: a +compile tier is compiled after its first generation (time_denoiser).
         self.pipe = build_tier(
-            PlannedTier(tier, self.estimate, fits=True),
+            PlannedTier(dataclasses.replace(tier, compiled=False), self.estimate, fits=True),
             folder=self.folder,
             inventory=self.inventory,
             device=device,
@@ -426,7 +430,9 @@ class _TierRun:
     def time_denoiser(self) -> None:
         assert self.call is not None
         if self.options.spec.compile:
-            self.denoiser.compile()  # in place: pipeline attribute and module names unchanged
+            from autoquant.execute.compile import compile_denoiser
+
+            self.record["compiled_how"] = compile_denoiser(self.denoiser)
         own = self.call
         samples, first = time_forwards(
             lambda: self._forward(own), self.device, self.options.repeats

@@ -12,7 +12,15 @@ from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.lora import LoraFile, parse_lora
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
-from autoquant.planner.rules import BATCH, GUIDANCE_SCALE, OBJECTIVES, SIDE, STEPS, Range
+from autoquant.planner.rules import (
+    BATCH,
+    COMPILE_MODES,
+    GUIDANCE_SCALE,
+    OBJECTIVES,
+    SIDE,
+    STEPS,
+    Range,
+)
 
 EXIT_USAGE = 2
 # `--dtype` as diffusers-cli run spells it → planner.compute_dtype.
@@ -110,6 +118,16 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         "balanced_slowdown of it (balanced), the fastest of the best fidelity class (quality), "
         "or the design card's tree (card)",
     )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="compile the denoiser with torch.compile (planner.compile; default auto). A mode "
+        "here, where diffusers-cli's --compile takes torch.compile's arguments: auto offers "
+        "compiled plans of formats measured compiled, ranked with their compile seconds spread "
+        "over planner.expected_images; always compiles every plan that can be (resident, on "
+        "CUDA or the CPU); never compiles none. A compile cache is kept per tier, so the next "
+        "process compiles warm",
+    )
 
 
 # `--cpu-offload` as diffusers-cli run spells it → the placement every plan must have.
@@ -179,6 +197,7 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
         precision=args.precision,
         optimize=args.optimize,
         compute_dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
+        compile=args.compile,
         memory_options=memory_options_from_args(args),
         gguf=args.gguf,
         device=args.device,

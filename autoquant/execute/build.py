@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from autoquant.backends import BuildRequest, get_backend
 from autoquant.backends.tier import VAE_TILE_PIXELS
+from autoquant.execute.compile import compile_denoiser
 from autoquant.execute.lora import LoraFile, apply_lora
 from autoquant.models.types import ModelInventory
 from autoquant.planner.plan import PlannedTier
@@ -123,7 +124,9 @@ def build_tier(
     device). The LoRA goes in before the memory options: offload hooks come after it, never
     taken apart and put back by diffusers' loader. ``variant``: the weights variant asked for
     (None: the one the folder ships instead of standard weights, if any). ``gguf_file``: the
-    user's GGUF file of the denoiser (--gguf), which a gguf tier loads instead of converting."""
+    user's GGUF file of the denoiser (--gguf), which a gguf tier loads instead of converting.
+    A compiled tier's denoiser is compiled last, on its device (its first call then compiles:
+    execute/compile.py)."""
     from autoquant.models.variant import weights_variant
 
     backend = get_backend(planned.tier.backend)
@@ -142,4 +145,6 @@ def build_tier(
     backend.post_process(pipe, request)
     apply_lora(pipe, lora, planned.tier, planned.label)
     apply_memory_options(pipe, planned, device)
+    if planned.tier.compiled:
+        compile_denoiser(getattr(pipe, inventory.denoiser.name))
     return pipe

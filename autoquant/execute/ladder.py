@@ -18,6 +18,13 @@ from autoquant.core.console import Log, progress_log
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.execute import memory
 from autoquant.execute.build import build_tier
+from autoquant.execute.compile import (
+    artifact_path,
+    cache_folder,
+    forward_times,
+    load_artifacts,
+    save_artifacts,
+)
 from autoquant.execute.lora import LoraFile, fusion_note, lora_report
 from autoquant.execute.smoke import SmokeSettings, smoke_test
 from autoquant.models.types import ModelInventory
@@ -48,6 +55,10 @@ class Attempt:
     smoke_seconds: float | None = None
     estimate_bytes: int | None = None
     memory_after_free_bytes: int | None = None
+    compiled: bool = False
+    # The smoke test's first denoiser call beyond a steady one: the compile, on a compiled tier.
+    compile_seconds: float | None = None
+    compile_cache_warm: bool | None = None  # a saved compile cache was loaded before compiling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +107,7 @@ class Result:
                 "components": list(self.chosen.tier.quantized_components),
                 "memory_options": list(self.chosen.tier.memory_options),
                 "encoders": encoders.to_dict() if encoders else None,
+                "compiled": self.chosen.tier.compiled,
                 "device_map": self.chosen.device_map,
                 "description": "; ".join(
                     get_backend(part.backend).describe(part) for part in self.chosen.tier.parts
@@ -116,6 +128,9 @@ class Result:
                 "peak_scope": "allocator" if in_allocator else "process resident set",
                 "smoke_step_seconds": attempt.step_seconds,
                 "smoke_seconds": attempt.smoke_seconds,
+                "compiled": attempt.compiled,
+                "compile_seconds": attempt.compile_seconds,
+                "compile_cache_warm": attempt.compile_cache_warm,
             },
             "estimate": {
                 "peak_bytes": allocator_peak if in_allocator else estimate.required_bytes,
@@ -151,7 +166,11 @@ def _try_tier(
     lora: Sequence[LoraFile] = (),
     variant: str | None = None,
     gguf_file: Path | None = None,
+    compile_cache: Path | None = None,
 ) -> tuple[DiffusionPipeline | None, Attempt]:
+    """Build and smoke-test one tier. A compiled tier loads its compile cache from the folder
+    ``compile_cache`` first when there is one, smoke-tests with two steps at least (the first
+    call compiles; the second is its step), and saves what it compiled there after."""
     tier = planned.tier
     attempt = Attempt(
         tier.backend,
@@ -159,6 +178,7 @@ def _try_tier(
         planned.label,
         outcome="chosen",
         estimate_bytes=planned.estimate.required_bytes,
+        compiled=tier.compiled,
     )
     reason = next(
         filter(
@@ -178,6 +198,10 @@ def _try_tier(
     failure: tuple[str, str] | None = None
     memory.reset_peak(device)
     before = memory.allocated(device)
+    artifacts = artifact_path(compile_cache, planned.label) if compile_cache else None
+    if tier.compiled:
+        attempt.compile_cache_warm = bool(artifacts and load_artifacts(artifacts))
+        smoke = dataclasses.replace(smoke, steps=max(smoke.steps, 2))
     started = time.perf_counter()
     try:
         pipe = build_tier(
@@ -193,8 +217,15 @@ def _try_tier(
         attempt.load_seconds = time.perf_counter() - started
         attempt.weights_bytes = memory.allocated(device)
         phase = "smoke"
-        attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
+        with forward_times(getattr(pipe, inventory.denoiser.name)) as forwards:
+            attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
         attempt.peak_bytes = memory.peak(device)
+        if tier.compiled:
+            # The smoke test's median step would carry half the compile: the steady one.
+            attempt.step_seconds = forwards.steady
+            attempt.compile_seconds = forwards.first_call_extra
+            if artifacts is not None:
+                save_artifacts(artifacts)
     except Exception as err:
         failure = ("oom" if memory.is_oom(err) else "error", error_line(err))
     if failure is None:
@@ -268,6 +299,10 @@ def execute(
             log=log,
             variant=variant,
             gguf_file=_gguf_file(plan),
+            # The smoke test compiles for its own size, one image (execute/compile.py).
+            compile_cache=cache_folder(
+                profile, inventory, width=smoke.width, height=smoke.height, batch=1
+            ),
         )
         attempts.append(attempt)
         if index == 0 and plan.forced and attempt.outcome == "error":
@@ -282,9 +317,15 @@ def execute(
                 warnings.extend(
                     w for w in get_backend(part.backend).warnings() if w not in warnings
                 )
+            compiled = (
+                f", compiled in {attempt.compile_seconds:.1f} s"
+                f" ({'warm' if attempt.compile_cache_warm else 'cold'} cache)"
+                if attempt.compile_seconds is not None
+                else ""
+            )
             log(
                 f"  chose {planned.label}: smoke test {attempt.smoke_seconds:.2f} s, "
-                f"{attempt.step_seconds:.3f} s/step"
+                f"{attempt.step_seconds:.3f} s/step{compiled}"
             )
             if lora:
                 log(f"  {fusion_note(planned.tier, planned.label)}")

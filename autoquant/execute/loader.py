@@ -22,7 +22,8 @@ def load(
     diffusers folder or ``builtin:NAME`` where its architecture is not the matching built-in).
     ``options`` are :class:`autoquant.execute.tuning.TuneOptions` fields (``profiles``,
     ``overrides``, ``backend``, ``precision``, ``variant``, ``vram_limit``, ``width``, ``height``,
-    ``smoke_steps``, ``gguf`` (the user's GGUF file of the denoiser), …).
+    ``smoke_steps``, ``gguf`` (the user's GGUF file of the denoiser), ``compile`` ("auto",
+    "always" or "never": planner.compile), ``expected_images`` (planner.expected_images), …).
     ``lora``: a LoRA safetensors file, a ``(path, scale)`` pair, or a list of either, applied
     to the tier before its smoke test (fused where its backend can fuse; the report says which).
     The report is attached as ``pipe.autoquant_report``. With ``oom_guard`` the pipeline's calls

@@ -11,6 +11,7 @@ from autoquant.backends import validate_tier_name
 from autoquant.core.console import Log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import parse_size
+from autoquant.execute.compile import cache_folder, warm_labels
 from autoquant.execute.ladder import Result, execute
 from autoquant.execute.lora import LoraFile, check_lora_files
 from autoquant.execute.smoke import SmokeSettings
@@ -34,6 +35,8 @@ class TuneOptions:
     precision: str | None = None
     optimize: str | None = None  # planner.optimize: speed | balanced | quality | card
     compute_dtype: str | None = None  # planner.compute_dtype: auto | bf16 | fp16 | fp32
+    compile: str | None = None  # planner.compile: auto | always | never
+    expected_images: int | None = None  # planner.expected_images (`serve`: its own figure)
     # Memory options every plan must have, added to force.memory_options (`--cpu-offload`,
     # `--vae-tiling`, `--vae-slicing`).
     memory_options: tuple[str, ...] = ()
@@ -78,6 +81,10 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
         overrides.append(f"planner.optimize={options.optimize}")
     if options.compute_dtype:
         overrides.append(f"planner.compute_dtype={options.compute_dtype}")
+    if options.compile:
+        overrides.append(f"planner.compile={options.compile}")
+    if options.expected_images:
+        overrides.append(f"planner.expected_images={options.expected_images}")
     settings = load_settings(options.profiles, overrides)
     required = settings["force"]["memory_options"]
     required += [o for o in options.memory_options if o not in required]
@@ -169,7 +176,19 @@ def make_plan(options: TuneOptions) -> tuple[Plan, HardwareProfile, ModelInvento
         check_model(read_gguf_file(Path(options.gguf)), pipeline_layout(source))
     inventory = models.inventory(source)
     request = request_for(options, settings, inventory.default_size)
-    return plan(profile, inventory, settings, request), profile, inventory
+    # The tiers whose compile cache is here: the planner prices their compile warm. They are
+    # looked up where the smoke test compiles (its size, one image: execute/ladder.py), so a
+    # plan for a batch, or a smoke test of another size, is priced cold.
+    warm = warm_labels(
+        cache_folder(
+            profile,
+            inventory,
+            width=options.smoke_size or request.width,
+            height=options.smoke_size or request.height,
+            batch=request.batch,
+        )
+    )
+    return plan(profile, inventory, settings, request, warm), profile, inventory
 
 
 def tune(options: TuneOptions, log: Log | None = None) -> Result:

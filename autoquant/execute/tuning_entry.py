@@ -154,6 +154,8 @@ def export_profile(entry: dict[str, Any]) -> str:
             "memory_options": list(chosen["memory_options"]),
         },
         "components": {"quantize_text_encoders": "always" if text_encoders else "never"},
+        # Entries written before compiled tiers existed have no "compiled": eager.
+        "planner": {"compile": "always" if chosen.get("compiled") else "never"},
     }
     header = (
         f"# autoquant: the tuning of {entry['model']} on {key.get('gpu') or key.get('cpu')}\n"

@@ -11,7 +11,7 @@ each image once the pipeline is up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -44,6 +44,8 @@ class Latency:
     vae_seconds: float
     first_call_seconds: float  # loading and quantizing (GGUF's conversion too, when not cached)
     basis: str  # what the figures are scaled from, in words
+    # A compiled denoiser's first call compiling it (warm: from a saved compile cache); once.
+    compile_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -64,6 +66,7 @@ class Latency:
             "text_seconds": round(self.text_seconds, 3),
             "vae_seconds": round(self.vae_seconds, 3),
             "first_call_seconds": round(self.first_call_seconds, 1),
+            "compile_seconds": round(self.compile_seconds, 1),
             "basis": self.basis,
         }
 
@@ -117,6 +120,47 @@ def _vae_units(inventory: ModelInventory, request: Request) -> float:
 
 def _format_key(tier: Tier) -> str:
     return f"{tier.backend} {tier.precision}"
+
+
+# The format whose compiled figure stands in for one without its own (planner.compile always).
+_NEAREST_COMPILED = "none bf16"
+
+
+@dataclass(frozen=True)
+class CompileFigure:
+    """What compiling a tier's denoiser does: its step against the same format eager, and the
+    seconds of a cold compile. ``stands_in``: the format whose figure this is, when the tier's
+    own format has none (None: its own measurement)."""
+
+    step_factor: float
+    seconds: float
+    stands_in: str | None = None
+
+
+def compile_figure(
+    inventory: ModelInventory, tier: Tier, *, on_gpu: bool, nearest: bool = False
+) -> CompileFigure | None:
+    """The calibration's compiled figure for ``tier``'s format (profiles/latency.yaml
+    ``compile``); None where there is none, unless ``nearest``: then its kind's unquantized
+    figure on a GPU, and on a CPU no speed-up at the CPU's measured compile time."""
+    figures = calibration()["compile"]
+    if not on_gpu:
+        return CompileFigure(1.0, float(figures["cpu"]["seconds"]), "cpu") if nearest else None
+    table = figures["gpu"][_denoiser_kind(inventory)]
+    own = table.get(_format_key(tier))
+    if own is not None:
+        return CompileFigure(float(own["step_factor"]), float(own["seconds"]))
+    if not nearest:
+        return None
+    stand_in = table[_NEAREST_COMPILED]
+    return CompileFigure(
+        float(stand_in["step_factor"]), float(stand_in["seconds"]), _NEAREST_COMPILED
+    )
+
+
+def warm_compile_share() -> float:
+    """A warm compile's seconds against a cold one's (profiles/latency.yaml compile.warm_share)."""
+    return float(calibration()["compile"]["warm_share"])
 
 
 @dataclass(frozen=True)
@@ -267,9 +311,32 @@ def predict(
     request: Request,
     est: Estimate,
     profile: HardwareProfile,
+    *,
+    warm: bool = False,
 ) -> Latency | None:
     """Predicted seconds of ``tier`` on the machine ``profile`` describes; None for a format the
-    calibration has no figure for on that kind of device (it is then not ranked by time)."""
+    calibration has no figure for on that kind of device (it is then not ranked by time). A
+    compiled tier's step is its eager step times its compiled figure's factor, and its compile
+    seconds the figure's, times the warm share when its compile cache is ``warm``."""
+    eager = replace(tier, compiled=False)
     if profile.has_gpu:
-        return _gpu_latency(inventory, tier, request, est, profile)
-    return _cpu_latency(inventory, tier, request, profile)
+        latency = _gpu_latency(inventory, eager, request, est, profile)
+        floor = calibration()["gpu"]["step_floor_seconds"]
+    else:
+        latency = _cpu_latency(inventory, eager, request, profile)
+        floor = calibration()["cpu"]["step_floor_seconds"]
+    if latency is None or not tier.compiled:
+        return latency
+    figure = compile_figure(inventory, tier, on_gpu=profile.has_gpu, nearest=True)
+    assert figure is not None
+    basis = latency.basis + (
+        f"; compiled at {figure.stands_in}'s figure (none measured for {_format_key(tier)})"
+        if figure.stands_in
+        else ""
+    )
+    return replace(
+        latency,
+        step_seconds=max(latency.step_seconds * figure.step_factor, floor),
+        compile_seconds=figure.seconds * (warm_compile_share() if warm else 1.0),
+        basis=basis,
+    )

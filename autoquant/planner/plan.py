@@ -16,7 +16,7 @@ from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, component_format, estimate
 from autoquant.planner.facts import machine_facts
 from autoquant.planner.fidelity import fidelity_class, fidelity_rank
-from autoquant.planner.latency import Latency, predict
+from autoquant.planner.latency import Latency, compile_figure, predict
 from autoquant.planner.rules import encoder_formats, ladder_entries, load_settings, resolve_bound
 from autoquant.probe.types import HardwareProfile
 
@@ -27,6 +27,9 @@ from autoquant.probe.types import HardwareProfile
 # offload, while with model offload a forward costs what it does resident (quanto int8: 233 ms;
 # gguf q5_1: 473 ms). The other objectives rank by the latency model instead.
 _OFFLOAD_COSTS = (None, "model_cpu_offload", "group_offload_streams", "group_offload")
+# Where a denoiser is compiled: CUDA (the GPU figures, profiles/latency.yaml compile) and the CPU
+# (torch.compile ran there: docs/runs/compile-cache-cpu/). Not ROCm, XPU or MPS: never measured.
+_COMPILES_ON = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class PlannedTier:
     fidelity: str = ""  # its fidelity class (planner/fidelity.py)
     # Each component's format, placement and weight bytes (_parts).
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The share of its compile's seconds each generation carries in the ranking: 1 over the
+    # generations expected (planner.expected_images ÷ batch); 0 under planner.compile always,
+    # where the user has accepted the compile.
+    compile_weight: float = 1.0
 
     @property
     def label(self) -> str:
@@ -50,6 +57,13 @@ class PlannedTier:
     def seconds(self) -> float:
         """Predicted seconds of one generation; unpriced tiers rank last."""
         return self.latency.seconds if self.latency else float("inf")
+
+    @property
+    def ranked_seconds(self) -> float:
+        """What the objectives rank: one generation, plus its share of the compile."""
+        if self.latency is None:
+            return float("inf")
+        return self.latency.seconds + self.latency.compile_seconds * self.compile_weight
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +122,7 @@ class _Context:
     compute_dtype: str
     budget: int
     path: list[str]
+    warm_compiles: frozenset[str] = frozenset()  # labels of tiers with a compile cache here
 
     @property
     def on_gpu(self) -> bool:
@@ -117,17 +132,29 @@ class _Context:
     def objective(self) -> str:
         return str(self.settings["planner"]["optimize"])
 
+    @property
+    def compile_mode(self) -> str:
+        return str(self.settings["planner"]["compile"])
+
+    @property
+    def compile_generations(self) -> int:
+        """Generations a compile is spread over: the images expected, ``batch`` a generation."""
+        images = int(self.settings["planner"]["expected_images"])
+        return max(-(-images // self.request.batch), 1)
+
     def planned(self, tier: Tier, device_map: str | None = None) -> PlannedTier:
         """``tier`` estimated, judged against the budget, priced and classed."""
         est = estimate(self.inventory, tier, self.request, on_gpu=self.on_gpu)
+        warm = tier.compiled and tier.label in self.warm_compiles
         return PlannedTier(
             tier,
             est,
             _fits(self, est, device_map),
             device_map,
-            predict(self.inventory, tier, self.request, est, self.profile),
+            predict(self.inventory, tier, self.request, est, self.profile, warm=warm),
             fidelity_class(tier),
             _parts(self.inventory, tier, est),
+            0.0 if self.compile_mode == "always" else 1 / self.compile_generations,
         )
 
 
@@ -245,9 +272,10 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
     """Ways to make a tier smaller, cheapest in speed first: (tier, device_map, what changed),
     each with the memory options the user required (force.memory_options without
     force.backend: `--cpu-offload`, `--vae-tiling`, `--vae-slicing`), duplicates dropped."""
+    base = replace(base, compiled=False)  # compiled or not is decided below, per variant
     required = ctx.settings["force"]["memory_options"]
     if ctx.settings["force"]["backend"] or not required:
-        return _shrinking(ctx, base)
+        return _compiled_variants(ctx, _shrinking(ctx, base))
     placement = next((o for o in reversed(required) if o in OFFLOAD_OPTIONS), None)
     if placement and not ctx.on_gpu:
         raise AutoquantError(
@@ -264,6 +292,39 @@ def _variants(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
             continue
         if all((tier, device_map) != (t, d) for t, d, _ in out):
             out.append((tier, device_map, change))
+    return _compiled_variants(ctx, out)
+
+
+def _can_compile(ctx: _Context, tier: Tier, device_map: str | None) -> bool:
+    """Whether ``tier``'s denoiser may be compiled here: resident on one device where
+    torch.compile works. Offloaded plans never are: fp8 with CPU offload breaks compiled
+    (pytorch#141548), and no offloaded plan was measured compiled."""
+    accelerator = ctx.profile.accelerator if ctx.on_gpu else "cpu"
+    return accelerator in _COMPILES_ON and tier.placement == "resident" and device_map is None
+
+
+def _compiled_only(tier: Tier) -> bool:
+    return tier.precision in backend_class(tier.backend).compiled_only
+
+
+def _compiled_variants(
+    ctx: _Context, variants: list[tuple[Tier, str | None, str]]
+) -> list[tuple[Tier, str | None, str]]:
+    """``variants`` (all eager) as planner.compile has them: auto adds a compiled twin after
+    each that can be compiled and whose format has a compiled measurement; always compiles each
+    that can be; never compiles none. A format that pays only compiled (a backend's
+    ``compiled_only``: torchao float8) is never offered eager."""
+    mode = ctx.compile_mode
+    out: list[tuple[Tier, str | None, str]] = []
+    for tier, device_map, change in variants:
+        compiled = replace(tier, compiled=True)
+        can = mode != "never" and _can_compile(ctx, tier, device_map)
+        if can and mode == "auto":
+            can = compile_figure(ctx.inventory, tier, on_gpu=ctx.on_gpu) is not None
+        if not _compiled_only(tier) and not (can and mode == "always"):
+            out.append((tier, device_map, change))
+        if can:
+            out.append((compiled, device_map, f"{change}, compiled"))
     return out
 
 
@@ -435,6 +496,17 @@ def _forced(ctx: _Context) -> PlannedTier:
                 f"warning: {backend} does not declare text encoders of {encoder_backend} beside "
                 "it (no run has shown the pair)"
             )
+    mode = ctx.compile_mode
+    if _can_compile(ctx, base, None) and (
+        mode == "always" or (mode == "auto" and _compiled_only(base))
+    ):
+        base = replace(base, compiled=True)
+    elif _compiled_only(base):
+        ctx.path.append(
+            f"warning: {backend} {precision} pays only compiled, and this plan cannot compile "
+            f"it (planner.compile {mode}, placement {base.placement}): it runs eager, slower "
+            "than unquantized"
+        )
     chosen = ctx.planned(base)
     ctx.path.append(f"forced: {chosen.label}")
     for part in base.parts:
@@ -486,7 +558,55 @@ def _card_choice(ctx: _Context) -> PlannedTier:
 
 
 def _seconds(planned: PlannedTier) -> str:
-    return f"~{planned.seconds:.3g} s" if planned.latency else "not priced"
+    if planned.latency is None:
+        return "not priced"
+    if planned.latency.compile_seconds and planned.compile_weight:
+        return f"~{planned.seconds:.3g} s (~{planned.ranked_seconds:.3g} s with its compile)"
+    return f"~{planned.seconds:.3g} s"
+
+
+def _compiling(ctx: _Context, planned: PlannedTier) -> str:
+    """What the chosen plan's compile costs, in words ("" for an eager plan)."""
+    if not planned.tier.compiled or planned.latency is None:
+        return ""
+    warm = "warm: its compile cache is here" if planned.tier.label in ctx.warm_compiles else "cold"
+    spread = (
+        "asked for (planner.compile always)"
+        if ctx.compile_mode == "always"
+        else f"spread over {ctx.compile_generations} generations (planner.expected_images "
+        f"{ctx.settings['planner']['expected_images']})"
+    )
+    seconds = planned.latency.compile_seconds
+    return f"; compiling ~{seconds:.0f} s on its first call ({warm}), {spread}"
+
+
+def _say_compiled(ctx: _Context, planned: list[PlannedTier]) -> None:
+    """The path's line on which plans are compiled, and why not more."""
+    compiled = [p for p in planned if p.tier.compiled]
+    mode = ctx.compile_mode
+    where = "GPU" if ctx.on_gpu else "CPU"
+    accelerator = ctx.profile.accelerator if ctx.on_gpu else "cpu"
+    if accelerator not in _COMPILES_ON:
+        ctx.path.append(f"compile ({mode}): nothing is compiled on {accelerator} (not measured)")
+    elif mode == "never":
+        ctx.path.append("compile never: no plan is compiled (compiled-only formats left out)")
+    else:
+        which = "resident" if mode == "always" else "resident, of formats measured compiled"
+        stand_ins: set[str] = set()
+        for p in compiled:
+            figure = compile_figure(ctx.inventory, p.tier, on_gpu=ctx.on_gpu, nearest=True)
+            if figure is not None and figure.stands_in:
+                stand_ins.add(f"{p.tier.backend} {p.tier.precision} at {figure.stands_in}'s")
+        unmeasured = f"; not measured compiled: {', '.join(sorted(stand_ins))}" if stand_ins else ""
+        ranked = (
+            "ranked without their compile seconds (asked for)"
+            if mode == "always"
+            else f"each ranked with its compile spread over {ctx.compile_generations} generations"
+        )
+        ctx.path.append(
+            f"compile {mode}: {len(compiled)} of {len(planned)} plans compiled ({which}, on the "
+            f"{where}), {ranked}{unmeasured}"
+        )
 
 
 def _priced(ctx: _Context) -> list[PlannedTier]:
@@ -516,6 +636,7 @@ def _timed_choice(ctx: _Context, priced: list[PlannedTier]) -> PlannedTier:
     """Among the plans that fit, the one the objective asks for: the fastest (speed); the fastest
     of the best fidelity class (quality); the fastest of the best class among the plans within
     planner.balanced_slowdown of the fastest (balanced)."""
+    _say_compiled(ctx, priced)
     fitting = [p for p in priced if p.fits]  # unpriced ones rank last (PlannedTier.seconds)
     if not fitting:
         smallest = min(priced, key=lambda p: p.estimate.required_bytes)
@@ -525,7 +646,7 @@ def _timed_choice(ctx: _Context, priced: list[PlannedTier]) -> PlannedTier:
             f"smallest, {_describe_fit(ctx, smallest)}; use a smaller --size, a machine with "
             "more memory, or force a tier with --backend/--precision"
         )
-    by_time = sorted(fitting, key=lambda p: (p.seconds, p.estimate.required_bytes))
+    by_time = sorted(fitting, key=lambda p: (p.ranked_seconds, p.estimate.required_bytes))
     fastest = by_time[0]
     objective = ctx.objective
     ctx.path.append(
@@ -535,8 +656,8 @@ def _timed_choice(ctx: _Context, priced: list[PlannedTier]) -> PlannedTier:
     pool = by_time
     if objective == "balanced":
         slowdown = float(ctx.settings["planner"]["balanced_slowdown"])
-        limit = fastest.seconds * slowdown
-        pool = [p for p in by_time if p.seconds <= limit] or by_time
+        limit = fastest.ranked_seconds * slowdown
+        pool = [p for p in by_time if p.ranked_seconds <= limit] or by_time
         ctx.path.append(
             f"balanced: {len(pool)} plans within {slowdown:g}x of it (<= {limit:.3g} s)"
         )
@@ -552,6 +673,7 @@ def _timed_choice(ctx: _Context, priced: list[PlannedTier]) -> PlannedTier:
     ctx.path.append(
         f"→ {chosen.label}: {_seconds(chosen)} an image, {chosen.fidelity} class, needs "
         f"~{format_bytes(chosen.estimate.required_bytes)} of {format_bytes(ctx.budget)}{loading}"
+        f"{_compiling(ctx, chosen)}"
     )
     runner_up = next((p for p in by_time if p is not chosen), None)
     if runner_up is not None:
@@ -568,7 +690,7 @@ def _timed_ladder(
     one before: what to fall back on after an out-of-memory."""
     ladder = [chosen]
     by_time = sorted(
-        (p for p in priced if p.fits), key=lambda p: (p.seconds, p.estimate.required_bytes)
+        (p for p in priced if p.fits), key=lambda p: (p.ranked_seconds, p.estimate.required_bytes)
     )
     while len(ladder) < ctx.settings["planner"]["ladder_length"]:
         need = ladder[-1].estimate.required_bytes
@@ -626,8 +748,11 @@ def plan(
     model: str | ModelSource | ModelInventory,
     rules: dict[str, Any] | None = None,
     request: Request | None = None,
+    warm_compiles: frozenset[str] = frozenset(),
 ) -> Plan:
-    """Decide how to build ``model`` on the machine ``profile`` describes."""
+    """Decide how to build ``model`` on the machine ``profile`` describes. ``warm_compiles``:
+    the labels of the tiers whose compile cache is on this machine (execute/compile.py
+    warm_labels), priced at a warm compile's seconds."""
     settings = rules if rules is not None else load_settings()
     inv = _as_inventory(model)
     if request is None:
@@ -647,6 +772,7 @@ def plan(
         compute_dtype=compute_dtype_for(profile, settings["planner"]["compute_dtype"]),
         budget=_budget(profile, headroom),
         path=[],
+        warm_compiles=warm_compiles,
     )
     where = "GPU free memory" if ctx.on_gpu else "available RAM"
     ctx.path.append(

@@ -37,9 +37,12 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
 }
 # What decides among the plans that fit (planner/plan.py says how each one chooses).
 OBJECTIVES = ("speed", "balanced", "quality", "card")
+# Whether plans compile the denoiser (planner/plan.py _compiled_variants says how each one does).
+COMPILE_MODES = ("auto", "always", "never")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "planner.optimize": OBJECTIVES,
     "planner.compute_dtype": ("auto", *COMPUTE_DTYPES),
+    "planner.compile": COMPILE_MODES,
     "hardware.device": ("cuda", "cpu", "mps"),
     "priorities.quality": ("balanced", "quality_first"),
     "priorities.deployment": ("production", "development"),
@@ -97,11 +100,14 @@ STEPS = Range(1, 1000, step=1)
 BATCH = Range(1, 1024, step=1)
 # Classifier-free guidance: 0 turns it off; past 30 every family's images are burnt out.
 GUIDANCE_SCALE = Range(0, 30)
+EXPECTED_IMAGES = Range(1, 1_000_000, step=1)
 # Every numeric key of profiles/default.yaml; "section.*" covers each key of a section.
 RANGES: dict[str, Range] = {
     "planner.headroom": Range(0, 1, above_low=True),  # a fraction of free memory
     "planner.balanced_slowdown": Range(1, 100),  # a ratio of predicted times
     "planner.ladder_length": Range(1, 100, step=1),
+    # Images a compile is amortized over: past a million, any compile the model prices is free.
+    "planner.expected_images": EXPECTED_IMAGES,
     "thresholds.*": Range(0, 100_000),  # GB of a card's memory
     "request.width": SIDE,
     "request.height": SIDE,

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from autoquant.core.errors import AutoquantError, error_line
+from autoquant.planner.fidelity import fidelity_rank
 from autoquant.serve import metrics as metrics_text
 from autoquant.serve.metrics import Metrics
 from autoquant.serve.openai_api import OPENAI_IMAGES_PATH, Failure, add_openai_routes
@@ -261,9 +262,22 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
+def fidelity_refusal(asked: str | None, report: dict[str, Any] | None) -> str | None:
+    """Why a request asking for fidelity class ``asked`` (or better) cannot run on the plan of
+    ``report``, or None when it can."""
+    served = (report or {}).get("chosen", {}).get("fidelity")
+    if asked is None or not served or fidelity_rank(served) <= fidelity_rank(asked):
+        return None
+    label = report["chosen"]["label"] if report else ""
+    return f"fidelity {asked} asked for: this server runs {label}, of the {served} class"
+
+
+def create_app(
+    worker: Worker, limits: SizeLimits | None = None, replica: str | None = None
+) -> FastAPI:
     """The app for ``worker``; its lifespan starts the worker and, on shutdown, lets it finish
-    the queue before returning."""
+    the queue before returning. ``replica`` names this server among others behind one endpoint
+    (serve/ray_deploy.py): /report and /metrics then say which replica answered."""
     metrics = worker.metrics
     body_model = request_model(limits or SizeLimits())
 
@@ -303,6 +317,9 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
         """Queue one generation and wait for its images, or say why there are none."""
         if worker.state != READY:
             return Failure(503, f"not ready: {worker.state}")
+        unfaithful = fidelity_refusal(generation.fidelity, worker.report)
+        if unfaithful is not None:
+            return Failure(409, unfaithful, field="fidelity")
         refusal = worker.refusal(generation)
         if refusal is not None:
             return Failure(refusal.status, refusal.detail, field="body")
@@ -401,7 +418,8 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
     async def report() -> JSONResponse:
         if worker.report is None:
             return _unavailable(f"not ready: {worker.state}", retry_after())
-        return JSONResponse(worker.report)  # its paths are replaced already (serve/report.py)
+        # Its paths are replaced already (serve/report.py).
+        return JSONResponse(worker.report | ({"replica": replica} if replica else {}))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> PlainTextResponse:
@@ -416,6 +434,16 @@ def create_app(worker: Worker, limits: SizeLimits | None = None) -> FastAPI:
                 worker.last_limit,
             ),
         }
-        return PlainTextResponse(metrics.render(gauges), media_type=metrics_text.CONTENT_TYPE)
+        text = metrics.render(gauges)
+        chosen = (worker.report or {}).get("chosen", {})
+        if replica is not None:
+            text += metrics_text.info(
+                "autoquant_replica_info",
+                "the replica that answered and the plan it runs",
+                replica=replica,
+                plan=chosen.get("label", ""),
+                fidelity=chosen.get("fidelity", ""),
+            )
+        return PlainTextResponse(text, media_type=metrics_text.CONTENT_TYPE)
 
     return app

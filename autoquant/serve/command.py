@@ -18,6 +18,7 @@ from typing import Any
 from autoquant.cli.args import add_tuning_arguments, tuning_options
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.core.units import parse_size
+from autoquant.planner.rules import EXPECTED_IMAGES
 from autoquant.serve.admission import DEFAULT_MAX_REQUEST_SECONDS
 
 logger = logging.getLogger("autoquant.serve")
@@ -29,6 +30,7 @@ MAX_QUEUE_SIZE = 1024
 MAX_BATCH_WINDOW_MS = 10_000.0
 SIDE_RANGE = (8, 8192)  # the latent grid is 1/8 of the image
 MAX_REQUEST_SECONDS_RANGE = (1.0, 86_400.0)
+MAX_REPLICAS = 1024
 
 
 def _integer(low: int, high: int, *, multiple: int = 1) -> Callable[[str], int]:
@@ -95,12 +97,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             help=f"{which} width/height, a multiple of 8 up to {SIDE_RANGE[1]} (%(default)s)",
         )
     serving.add_argument(
+        "--expected-images",
+        type=_integer(int(EXPECTED_IMAGES.low), int(EXPECTED_IMAGES.high or 1)),
+        help="images the server is expected to make, over which a compiled plan's compile "
+        "seconds are spread (planner.expected_images; default --queue-size: a server started "
+        "is there to serve at least one full queue)",
+    )
+    serving.add_argument(
         "--max-request-seconds",
         type=_number(*MAX_REQUEST_SECONDS_RANGE, "seconds"),
         default=DEFAULT_MAX_REQUEST_SECONDS,
         help="refuse (422) a request predicted to take longer, from the tuned pipeline's "
         "measured step time scaled by its pixels, steps and images (%(default)s)",
     )
+    fleet = p.add_argument_group("Ray Serve (docs/scaling.md; the `ray` extra)")
+    fleet.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve as Ray Serve replicas, each tuning to its own device, behind one endpoint",
+    )
+    fleet.add_argument(
+        "--replicas",
+        type=_replicas,
+        help=f"with --ray: replicas, 1-{MAX_REPLICAS}, or auto (Ray Serve's autoscaling on "
+        "ongoing requests) (1)",
+    )
+    fleet.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --ray: the cluster to join (as `ray start --address`); default: start one here",
+    )
+
+
+def _replicas(text: str) -> int | str:
+    """--replicas: a count, or "auto"."""
+    return text if text == "auto" else _integer(1, MAX_REPLICAS)(text)
+
+
+def _check_ray(args: argparse.Namespace) -> None:
+    """--ray's flags, and that Ray is there, before anything heavy is imported."""
+    if not args.ray:
+        flag = "--replicas" if args.replicas else "--ray-address" if args.ray_address else ""
+        if flag:
+            raise AutoquantError(f"{flag} needs --ray")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise AutoquantError(
+            "--ray needs Ray Serve: pip install 'autoquant-diffusers[ray]' (or 'ray[serve]')"
+        )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -122,7 +168,9 @@ def _is_loopback(host: str) -> bool:
 
 def _tune_options(args: argparse.Namespace) -> Any:
     # The server logs each tier instead of drawing progress bars.
-    return tuning_options(args, progress=False)
+    return tuning_options(
+        args, progress=False, expected_images=args.expected_images or args.queue_size
+    )
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
@@ -155,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     stops the server and is raised here (an AutoquantError is the CLI's one-line error)."""
     # Profiles, backends, the model and the cache were checked by cli/validate.py before this
     # runs; what only a server has is checked here, before it tunes.
+    _check_ray(args)
     _check_sizes(args)
     _check_listen(args.host, args.port)
     import uvicorn
@@ -179,6 +228,13 @@ def run(args: argparse.Namespace) -> int:
         vram_limit_bytes=parse_size(args.vram_limit) if args.vram_limit else None,
         max_request_seconds=args.max_request_seconds,
     )
+    if args.ray:
+        from autoquant.serve import ray_deploy
+
+        replicas = None if args.replicas == "auto" else args.replicas or 1
+        limits = SizeLimits(args.min_side, args.max_side)
+        where = dict(host=args.host, port=args.port, address=args.ray_address)
+        return ray_deploy.run(_tune_options(args), settings, limits, replicas, **where)
 
     def stop_on_failure(_err: BaseException) -> None:
         server.should_exit = True  # uvicorn polls it; the error is raised below

@@ -133,6 +133,15 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def info(name: str, help_text: str, **labels: object) -> str:
+    """A gauge of 1 whose labels carry facts (Prometheus' info idiom), in exposition text."""
+    lines: list[str] = []
+    add = _Writer(lines)
+    add.header(name, "gauge", help_text)
+    add.sample(name, 1, **labels)
+    return "\n".join(lines) + "\n"
+
+
 class _Writer:
     def __init__(self, lines: list[str]) -> None:
         self._lines = lines
@@ -141,9 +150,15 @@ class _Writer:
         self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
     def sample(self, name: str, value: float, **labels: object) -> None:
-        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
         series = f"{name}{{{text}}}" if text else name
         self._lines.append(f"{series} {_number(value)}")
+
+
+def _label_value(value: object) -> str:
+    """``value`` escaped as the exposition format's label values are (a plan's label may hold
+    any character)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(value: float) -> str:

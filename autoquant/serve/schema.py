@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from autoquant.planner.fidelity import FIDELITY_CLASSES
 from autoquant.planner.rules import GUIDANCE_SCALE
 
 MAX_PROMPT_CHARS = 2000
@@ -45,6 +46,19 @@ class GenerateRequest(BaseModel):
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images for this prompt")
+    fidelity: str | None = Field(
+        default=None,
+        description="the worst fidelity class acceptable (bf16 best, then int8, then 4bit); a "
+        "server whose plan is of a worse class answers 409",
+    )
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity_class(cls, value: str | None) -> str | None:
+        names = [name for name, _bound in FIDELITY_CLASSES]
+        if value is not None and value not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
+        return value
 
     @field_validator("width", "height")
     @classmethod
@@ -72,6 +86,7 @@ class Generation:
     guidance_scale: float | None
     seed: int
     n: int
+    fidelity: str | None = None  # the worst class acceptable; None: any
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -98,4 +113,5 @@ def resolve(request: GenerateRequest, width: int, height: int, seed: int) -> Gen
         guidance_scale=request.guidance_scale,
         seed=request.seed if request.seed is not None else seed,
         n=request.n,
+        fidelity=request.fidelity,
     )

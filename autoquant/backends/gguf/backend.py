@@ -33,9 +33,10 @@ class Gguf(QuantBackend):
     # GGUF with sequential offload fails with KeyError None in diffusers 0.42.1; with group
     # offload it was never measured here, so it stays off until a GPU run shows it works.
     survives_group_offload = False
-    # torchao int8 text encoders beside a GGUF denoiser: built and run on the CPU in
-    # tests/test_executor.py.
-    encoder_backends = ("torchao",)
+    # Text encoders beside a GGUF denoiser: torchao int8, built and run on the CPU in
+    # tests/test_executor.py; bitsandbytes NF4 beside SDXL q8_0 on an H200
+    # (docs/runs/2026-12-01-h200-sweep/sdxl-mixed/).
+    encoder_backends = ("torchao", "bitsandbytes")
     # q8_0, q5_1 and q4_0 measured (docs/benchmarks.md, the larger of SDXL's and Flux-dev's);
     # q5_0 at q5_1's figure and q4_1 at q4_0's, the nearest measured.
     layer_errors = {"q8_0": 6.1e-3, "q5_1": 3.8e-2, "q5_0": 3.8e-2, "q4_1": 8.5e-2, "q4_0": 8.5e-2}

@@ -1,0 +1,173 @@
+"""Compiling a denoiser (the one way the executor and the bench do it), timing what its first
+call costs, and the compile caches that outlive the process.
+
+A denoiser whose class declares ``_repeated_blocks`` (diffusers' ModelMixin: Flux's transformer
+blocks, the UNet's BasicTransformerBlock) is compiled regionally, each repeated block on its own
+with ``fullgraph=True`` (diffusers' ``compile_repeated_blocks``): one block's code serves them
+all, so it compiles in seconds rather than minutes (Flux-dev on an H200: 17 s against 362 s for
+a float8 transformer compiled the same way; ../shared/notes/speed-levers.md). Any other denoiser
+is compiled whole.
+
+The caches are torch's "mega-cache" (``torch.compiler.save_cache_artifacts``: the inductor and
+AOT-autograd entries the process compiled), one file per tier under ``cache_dir()/compile/``,
+in a folder per machine, library versions, model and generation shape (``cache_folder``).
+The file names are the tiers' labels, so the planner can be told which tiers are warm without
+knowing any key (``warm_labels``). A wrong claim costs only a figure: torch keys the artifacts
+on the graphs themselves, so an artifact that does not match is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoquant.core.fsutil import atomic_file
+from autoquant.core.paths import cache_dir
+from autoquant.execute.tuning_entry import torch_and_diffusers_versions
+from autoquant.models.types import ModelInventory
+from autoquant.probe.types import HardwareProfile
+
+COMPILE_DIR = "compile"
+_ARTIFACT_SUFFIX = ".bin"
+
+
+def compile_denoiser(denoiser: Any) -> str:
+    """Compile ``denoiser`` in place (the pipeline's attribute and its module names unchanged);
+    returns how, in words: "regional (…blocks…)" or "whole"."""
+    import torch
+
+    blocks = tuple(getattr(denoiser, "_repeated_blocks", None) or ())
+    if blocks and hasattr(denoiser, "compile_repeated_blocks"):
+        denoiser.compile_repeated_blocks(fullgraph=True)
+        return f"regional ({', '.join(blocks)})"
+    # The forward, not the module's __call__ (nn.Module.compile): forward hooks (the smoke
+    # test's timers) then stay outside the compiled code, and adding or removing one does not
+    # recompile it.
+    denoiser.forward = torch.compile(denoiser.forward)
+    return "whole"
+
+
+def cache_folder(
+    profile: HardwareProfile, inventory: ModelInventory, *, width: int, height: int, batch: int
+) -> Path:
+    """Where the compile caches of one machine, library versions, model and generation shape
+    live. Keyed as a tuning entry is (execute/tuning_entry.py), with the model's denoiser (its
+    class and parameter count) in place of the folder's fingerprint: the planner asks before any
+    folder is built (`autoquant plan` builds none), and compiled code depends on the model's
+    architecture and the shapes, not its weights' bytes."""
+    gpu = profile.primary_gpu if profile.has_gpu else None
+    fields = {
+        "accelerator": profile.accelerator,
+        "gpu": gpu.name if gpu else None,
+        "compute_capability": gpu.compute_capability if gpu else None,
+        "cpu": None if gpu else profile.cpu.model,
+        "versions": {
+            **torch_and_diffusers_versions(),
+            **{name: status.version for name, status in sorted(profile.backends.items())},
+        },
+        "model": inventory.source.spec,
+        "denoiser": [inventory.denoiser.class_name, inventory.denoiser.params],
+        "width": width,
+        "height": height,
+        "batch": batch,
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return cache_dir() / COMPILE_DIR / hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def artifact_path(folder: Path, label: str) -> Path:
+    """The cache file of the tier labelled ``label`` (its label, percent-encoded)."""
+    return folder / (urllib.parse.quote(label, safe="") + _ARTIFACT_SUFFIX)
+
+
+def warm_labels(folder: Path) -> frozenset[str]:
+    """The labels of the tiers with a compile cache in ``folder``."""
+    if not folder.is_dir():
+        return frozenset()
+    return frozenset(
+        urllib.parse.unquote(path.name.removesuffix(_ARTIFACT_SUFFIX))
+        for path in folder.iterdir()
+        if path.name.endswith(_ARTIFACT_SUFFIX) and not path.name.startswith(".")
+    )
+
+
+def load_artifacts(path: Path) -> bool:
+    """Load a saved compile cache into this process's torch caches; whether there was one."""
+    import torch
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    return torch.compiler.load_cache_artifacts(data) is not None
+
+
+def save_artifacts(path: Path) -> bool:
+    """Write what this process compiled to ``path`` atomically (a crash leaves no half file);
+    whether there was anything to write."""
+    import torch
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return False
+    data, _info = artifacts
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as handle:
+        handle.write(data)
+    return True
+
+
+@dataclass
+class ForwardTimes:
+    """Seconds of each forward of a module while ``forward_times`` is active."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def first_call_extra(self) -> float | None:
+        """What the first forward cost beyond a steady one (the compile, on a compiled
+        denoiser), or None with fewer than two forwards."""
+        if len(self.seconds) < 2:
+            return None
+        return max(self.seconds[0] - statistics.median(self.seconds[1:]), 0.0)
+
+    @property
+    def steady(self) -> float | None:
+        """The median forward after the first, or None with fewer than two."""
+        return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
+
+
+@contextmanager
+def forward_times(module: Any) -> Iterator[ForwardTimes]:
+    """Time every forward of ``module`` (synchronizing CUDA around each) while active."""
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    times = ForwardTimes()
+    starts: list[float] = []
+
+    def before(_module: Any, _args: Any) -> None:
+        sync()
+        starts.append(time.perf_counter())
+
+    def after(_module: Any, _args: Any, _output: Any) -> None:
+        sync()
+        times.seconds.append(time.perf_counter() - starts[-1])
+
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield times
+    finally:
+        for hook in hooks:
+            hook.remove()
