@@ -456,3 +456,22 @@ def test_cpu_offload_on_a_cpu_plan_is_a_one_line_error(capsys: pytest.CaptureFix
     assert main(["plan", "-m", "builtin:tiny-sd", "--device", "cpu", "--cpu-offload", "model"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "this plan is for the CPU" in err
+
+
+def test_a_mixed_plan_is_placed_only_where_every_backend_of_it_survives() -> None:
+    """bitsandbytes does not survive group offload: NF4 text encoders never stream, whoever
+    quantizes the denoiser."""
+    from autoquant.core.units import GB
+    from autoquant.models import inventory, resolve
+    from autoquant.planner.estimate import Request
+
+    inv = inventory(resolve("builtin:flux-dev"))
+    every = load_settings([], ["planner.ladder_length=100"])
+    streamed = []
+    for vram, ram in ((141, 24), (6, 24), (6, 256)):
+        card = made_up_machine(device="cuda", vram=vram * GB, compute_capability="9.0", ram_gib=ram)
+        ladder = plan(card, inv, every, Request(1024, 1024, steps=20)).ladder
+        streamed += [p for p in ladder if p.tier.streamed]
+    assert streamed
+    for planned in streamed:
+        assert all(part.backend != "bitsandbytes" for part in planned.tier.parts), planned.label

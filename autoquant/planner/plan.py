@@ -363,7 +363,9 @@ def _shrinking(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         # CUDA streams: not on MPS, whose group offload copies synchronously.
         if option == "group_offload_streams" and ctx.profile.accelerator == "mps":
             continue
-        if backend.survives(option):
+        # Every backend of the tier must survive it: a mixed plan's text encoders too
+        # (bitsandbytes' fail under group offload, whoever quantizes the denoiser).
+        if all(backend_class(part.backend).survives(option) for part in tier.parts):
             out.append((tier.with_options(option), None, change))
     return out
 
@@ -689,8 +691,10 @@ def _timed_ladder(
     """The chosen plan first, then each next-fastest plan that fits needing less memory than the
     one before: what to fall back on after an out-of-memory."""
     ladder = [chosen]
+    # Among plans as fast, the better fidelity class first: a fallback keeps what it can.
     by_time = sorted(
-        (p for p in priced if p.fits), key=lambda p: (p.ranked_seconds, p.estimate.required_bytes)
+        (p for p in priced if p.fits),
+        key=lambda p: (p.ranked_seconds, fidelity_rank(p.fidelity), p.estimate.required_bytes),
     )
     while len(ladder) < ctx.settings["planner"]["ladder_length"]:
         need = ladder[-1].estimate.required_bytes
