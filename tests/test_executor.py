@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +200,18 @@ def test_a_mixed_tier_quantizes_each_part_with_its_own_backend(
     assert report["encoders"]["backend"] == "torchao"
     assert report["parts"][inv.text_encoders[0].name]["format"] == "torchao int8"
     assert torch.isfinite(torch.from_numpy(_two_step_images(result, 64))).all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's /proc only")
+def test_the_cpu_peak_starts_again_at_each_reset() -> None:
+    """A smoke test's CPU peak must not carry the loading's (a cold materialization made one
+    64² tiny-sd image read as 394 MiB, and the server batched too few images)."""
+    import numpy as np
+
+    from autoquant.execute import memory
+
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    high = memory.peak("cpu")
+    del block
+    memory.reset_peak("cpu")
+    assert memory.peak("cpu") < high - 200 * 2**20

@@ -16,7 +16,8 @@ DEFINITIONS = (
     "Memory is in GB = 10^9 bytes, like the budgets. On a GPU: weights = allocated after "
     "loading, load peak = max allocated while loading, peak = max allocated over a generation "
     "and the timed forwards (both inside PyTorch's allocator); on the CPU: weights = RSS "
-    "delta over loading, peaks = the process's RSS high-water mark (it cannot be reset).",
+    "delta over loading, peaks = the process's RSS high-water mark, reset between phases where "
+    "Linux allows it (/proc/self/clear_refs).",
     "step ms = one denoiser forward at the request's latent size and batch (CFG doubles it for "
     "SD families), CUDA events on a GPU, wall clock on the CPU; median [min–max] of the "
     "repeats after two warm-up forwards. e2e s = one whole generation of the given steps.",

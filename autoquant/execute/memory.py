@@ -6,6 +6,7 @@ import contextlib
 import gc
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 _CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory")
@@ -49,6 +50,14 @@ def allocated(device: str) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+# Linux keeps the resident high-water mark as VmHWM in /proc/self/status, and writing "5" to
+# /proc/self/clear_refs resets it to the current resident set (proc(5)). Without that, a CPU
+# peak covers the whole process so far: a smoke test measured after a cold materialization read
+# 394 MiB above the weights for one 64² tiny-sd image, against 31 MiB with the reset.
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
 def reset_peak(device: str) -> None:
     import torch
 
@@ -56,15 +65,25 @@ def reset_peak(device: str) -> None:
         # Resetting the stats before anything initialised CUDA fails ("Invalid device argument").
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Not Linux, or not allowed: peak() then covers the process so far.
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
 
 
 def peak(device: str) -> int:
-    """Peak bytes since the last reset on CUDA; on CPU the process's resident high-water mark
-    (it cannot be reset: it covers the whole process so far)."""
+    """Peak bytes since the last reset: the allocator's on CUDA; on CPU the resident
+    high-water mark (since the last reset on Linux, else over the whole process so far)."""
     import torch
 
     if _on_cuda(device) and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
