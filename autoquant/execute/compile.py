@@ -1,5 +1,5 @@
-"""Compiling a denoiser (the one way the executor and the bench do it), timing what its first
-call costs, and the compile caches that outlive the process.
+"""Compiling a denoiser (the one way the executor and the bench do it) and the compile caches
+that outlive the process. What a first call costs is timed by the smoke test (smoke.py).
 
 A denoiser whose class declares ``_repeated_blocks`` (diffusers' ModelMixin: Flux's transformer
 blocks, the UNet's BasicTransformerBlock) is compiled regionally, each repeated block on its own
@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
-import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,51 +118,3 @@ def save_artifacts(path: Path) -> bool:
     with atomic_file(path, "wb") as handle:
         handle.write(data)
     return True
-
-
-@dataclass
-class ForwardTimes:
-    """Seconds of each forward of a module while ``forward_times`` is active."""
-
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def first_call_extra(self) -> float | None:
-        """What the first forward cost beyond a steady one (the compile, on a compiled
-        denoiser), or None with fewer than two forwards."""
-        if len(self.seconds) < 2:
-            return None
-        return max(self.seconds[0] - statistics.median(self.seconds[1:]), 0.0)
-
-    @property
-    def steady(self) -> float | None:
-        """The median forward after the first, or None with fewer than two."""
-        return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
-
-
-@contextmanager
-def forward_times(module: Any) -> Iterator[ForwardTimes]:
-    """Time every forward of ``module`` (synchronizing CUDA around each) while active."""
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    times = ForwardTimes()
-    starts: list[float] = []
-
-    def before(_module: Any, _args: Any) -> None:
-        sync()
-        starts.append(time.perf_counter())
-
-    def after(_module: Any, _args: Any, _output: Any) -> None:
-        sync()
-        times.seconds.append(time.perf_counter() - starts[-1])
-
-    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        yield times
-    finally:
-        for hook in hooks:
-            hook.remove()

@@ -21,7 +21,6 @@ from autoquant.execute.build import build_tier
 from autoquant.execute.compile import (
     artifact_path,
     cache_folder,
-    forward_times,
     load_artifacts,
     save_artifacts,
 )
@@ -217,8 +216,8 @@ def _try_tier(
         attempt.load_seconds = time.perf_counter() - started
         attempt.weights_bytes = memory.allocated(device)
         phase = "smoke"
-        with forward_times(getattr(pipe, inventory.denoiser.name)) as forwards:
-            attempt.step_seconds, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
+        forwards, attempt.smoke_seconds = smoke_test(pipe, inventory, smoke)
+        attempt.step_seconds = forwards.median or attempt.smoke_seconds
         attempt.peak_bytes = memory.peak(device)
         if tier.compiled:
             # The smoke test's median step would carry half the compile: the steady one.

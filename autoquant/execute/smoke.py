@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from autoquant.execute.build import pipeline_call_kwargs
@@ -19,21 +22,42 @@ class SmokeSettings:
     height: int = 256
 
 
-def smoke_test(pipe: Any, inventory: ModelInventory, smoke: SmokeSettings) -> tuple[float, float]:
-    """A short real generation. Returns (median seconds of one denoiser forward, whole call
-    seconds); raises if the output is not finite. Timing the denoiser's own forward (not the gap
-    between step callbacks) gives a step time even for a one-step smoke test."""
-    import statistics
+@dataclass
+class ForwardTimes:
+    """Seconds of each forward of a module while ``forward_times`` is active."""
 
-    import numpy as np
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def first_call_extra(self) -> float | None:
+        """What the first forward cost beyond a steady one (the compile, on a compiled
+        denoiser), or None with fewer than two forwards."""
+        if len(self.seconds) < 2:
+            return None
+        return max(self.seconds[0] - statistics.median(self.seconds[1:]), 0.0)
+
+    @property
+    def median(self) -> float | None:
+        """The median forward, or None without any."""
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def steady(self) -> float | None:
+        """The median forward after the first, or None with fewer than two."""
+        return statistics.median(self.seconds[1:]) if len(self.seconds) > 1 else None
+
+
+@contextmanager
+def forward_times(module: Any) -> Iterator[ForwardTimes]:
+    """Time every forward of ``module`` (synchronizing CUDA around each) while active."""
     import torch
 
     def sync() -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
+    times = ForwardTimes()
     starts: list[float] = []
-    forwards: list[float] = []
 
     def before(_module: Any, _args: Any) -> None:
         sync()
@@ -41,30 +65,41 @@ def smoke_test(pipe: Any, inventory: ModelInventory, smoke: SmokeSettings) -> tu
 
     def after(_module: Any, _args: Any, _output: Any) -> None:
         sync()
-        forwards.append(time.perf_counter() - starts[-1])
+        times.seconds.append(time.perf_counter() - starts[-1])
 
-    denoiser = getattr(pipe, inventory.denoiser.name)
-    hooks = [denoiser.register_forward_pre_hook(before), denoiser.register_forward_hook(after)]
-    started = time.perf_counter()
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
-        with torch.no_grad():
-            output = pipe(
-                **pipeline_call_kwargs(
-                    inventory,
-                    pipe,
-                    prompt=SMOKE_PROMPT,
-                    num_inference_steps=smoke.steps,
-                    width=smoke.width,
-                    height=smoke.height,
-                    generator=torch.Generator("cpu").manual_seed(0),
-                    output_type="np",
-                )
-            )
+        yield times
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def smoke_test(
+    pipe: Any, inventory: ModelInventory, smoke: SmokeSettings
+) -> tuple[ForwardTimes, float]:
+    """A short real generation. Returns each denoiser forward's seconds and the whole call's;
+    raises if the output is not finite. Timing the denoiser's own forward (not the gap between
+    step callbacks) gives a step time even for a one-step smoke test."""
+    import numpy as np
+    import torch
+
+    started = time.perf_counter()
+    with forward_times(getattr(pipe, inventory.denoiser.name)) as forwards, torch.no_grad():
+        output = pipe(
+            **pipeline_call_kwargs(
+                inventory,
+                pipe,
+                prompt=SMOKE_PROMPT,
+                num_inference_steps=smoke.steps,
+                width=smoke.width,
+                height=smoke.height,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+            )
+        )
     total = time.perf_counter() - started
     images = np.asarray(output.images)
     if not np.isfinite(images).all():
         raise RuntimeError("smoke test produced non-finite pixels")
-    return (statistics.median(forwards) if forwards else total), total
+    return forwards, total

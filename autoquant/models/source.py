@@ -30,12 +30,13 @@ def resolve(spec: str, config: str | None = None) -> ModelSource:
     built-in its tensors match)."""
     from autoquant.models import single_file
 
-    if config is not None and not single_file.is_single_file(spec):
+    single = single_file.is_single_file(spec)
+    if config is not None and not single:
         raise ModelNotFoundError(
             f"--config {config} goes with a single-file checkpoint (-m FILE.safetensors), not "
             f"with {spec!r}"
         )
-    if single_file.is_single_file(spec):
+    if single:
         folder = single_file.converted_folder(Path(spec), config)
         return ModelSource(spec, "local", str(folder))
     if spec.startswith(BUILTIN_PREFIX):

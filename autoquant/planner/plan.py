@@ -469,12 +469,9 @@ def _from_file(ctx: _Context) -> tuple[PlannedTier, tuple[PlannedTier, ...]]:
     tier would put other weights in the file's place)."""
     force = ctx.settings["force"]
     ctx.path.append(f"--gguf {force['gguf']}: the denoiser's weights are the file's")
-    base = _base_tier(ctx, force["backend"], force["precision"])
-    base = base.with_options(*force["memory_options"])
-    if force["text_encoders"]:
-        bases = [_with_encoders(ctx, base, *force["text_encoders"].split())]
-    else:  # the text encoders as its own backend leaves them, or in another's format
-        bases = [base, *_mixed(ctx, base)]
+    base = _forced_base(ctx, force["backend"], force["precision"])
+    # Unless forced, the text encoders as its own backend leaves them, or in another's format.
+    bases = [base] if force["text_encoders"] else [base, *_mixed(ctx, base)]
     tried = [ctx.planned(t, device_map) for b in bases for t, device_map, _ in _variants(ctx, b)]
     if any(p.fits for p in tried):
         chosen = _timed_choice(ctx, tried)
@@ -485,19 +482,28 @@ def _from_file(ctx: _Context) -> tuple[PlannedTier, tuple[PlannedTier, ...]]:
     return chosen, (chosen,)
 
 
+def _forced_base(ctx: _Context, backend: str, precision: str) -> Tier:
+    """The forced tier before its compile is decided: force.memory_options on, and the text
+    encoders in force.text_encoders' format when one is given (a pair the backend does not
+    declare is warned of in the path)."""
+    force = ctx.settings["force"]
+    base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
+    if not force["text_encoders"]:
+        return base
+    encoder_backend, encoder_precision = force["text_encoders"].split()
+    if encoder_backend not in (*backend_class(backend).encoder_backends, backend):
+        ctx.path.append(
+            f"warning: {backend} does not declare text encoders of {encoder_backend} beside "
+            "it (no run has shown the pair)"
+        )
+    return _with_encoders(ctx, base, encoder_backend, encoder_precision)
+
+
 def _forced(ctx: _Context) -> PlannedTier:
     force = ctx.settings["force"]
     backend = force["backend"]
     precision = force["precision"] or _precision_for(ctx, backend)
-    base = _base_tier(ctx, backend, precision).with_options(*force["memory_options"])
-    if force["text_encoders"]:
-        encoder_backend, encoder_precision = force["text_encoders"].split()
-        base = _with_encoders(ctx, base, encoder_backend, encoder_precision)
-        if encoder_backend not in (*backend_class(backend).encoder_backends, backend):
-            ctx.path.append(
-                f"warning: {backend} does not declare text encoders of {encoder_backend} beside "
-                "it (no run has shown the pair)"
-            )
+    base = _forced_base(ctx, backend, precision)
     mode = ctx.compile_mode
     if _can_compile(ctx, base, None) and (
         mode == "always" or (mode == "auto" and _compiled_only(base))
