@@ -36,8 +36,11 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from autoquant import models
+    from autoquant.backends import UNQUANTIZED
     from autoquant.backends.base import torch_dtype
+    from autoquant.bench import TierSpec
     from autoquant.execute.compile import compile_denoiser, load_artifacts, save_artifacts
+    from autoquant.planner.latency import compile_figure
 
     torch.manual_seed(0)
     from diffusers import DiffusionPipeline
@@ -52,7 +55,14 @@ def child(args: argparse.Namespace) -> None:
     loaded = load_artifacts(artifacts) if args.child == "warm-artifacts" else False
     how = None
     if args.child != "eager":
-        how = compile_denoiser(getattr(pipe, inventory.denoiser.name))
+        # Compiled as the executor compiles this format (its figure's scope and mode).
+        tier = TierSpec(UNQUANTIZED, args.dtype).tier(inventory, args.dtype)
+        figure = compile_figure(
+            inventory, tier, on_gpu=args.device.startswith("cuda"), nearest=True
+        )
+        assert figure is not None  # nearest always gives one
+        denoiser = getattr(pipe, inventory.denoiser.name)
+        how = compile_denoiser(denoiser, scope=figure.scope, mode=figure.mode)
 
     def generate() -> float:
         started = time.perf_counter()

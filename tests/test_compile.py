@@ -204,13 +204,69 @@ class _Tiny:
         return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
 
 
+class _Blocks:
+    """A denoiser that declares repeated blocks and records how it was compiled regionally."""
+
+    _repeated_blocks = ("Block",)
+
+    def __init__(self) -> None:
+        self.regional: list[dict[str, Any]] = []
+
+    def compile_repeated_blocks(self, **kwargs: Any) -> None:
+        self.regional.append(kwargs)
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+@pytest.mark.parametrize(
+    ("scope", "mode", "how", "regional"),
+    [
+        ("regional", "default", "regional (Block)", [{"fullgraph": True}]),
+        (
+            "regional",
+            "reduce-overhead",
+            "regional (Block), reduce-overhead",
+            [{"fullgraph": True, "mode": "reduce-overhead"}],
+        ),
+        ("whole", "default", "whole", []),
+        ("whole", "max-autotune", "whole, max-autotune", []),
+    ],
+)
+def test_a_denoiser_is_compiled_in_the_scope_and_mode_asked(
+    scope: str, mode: str, how: str, regional: list[dict[str, Any]]
+) -> None:
+    denoiser = _Blocks()
+    assert compile_denoiser(denoiser, scope=scope, mode=mode) == how
+    assert denoiser.regional == regional
+    # Whole: the instance's forward is replaced by the compiled one.
+    assert ("forward" in vars(denoiser)) == (scope == "whole")
+
+
+def test_an_unknown_scope_or_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="scope"):
+        compile_denoiser(_Blocks(), scope="partial", mode="default")
+    with pytest.raises(ValueError, match="mode"):
+        compile_denoiser(_Blocks(), scope="whole", mode="fast")
+
+
+def test_every_compiled_figure_names_a_scope_and_mode_the_executor_knows() -> None:
+    from autoquant.execute.compile import MODES, SCOPES
+
+    figures = calibration()["compile"]
+    entries = [figures["cpu"]] + [e for kind in figures["gpu"].values() for e in kind.values()]
+    for entry in entries:
+        assert entry.get("scope", "regional") in SCOPES
+        assert entry.get("mode", "default") in MODES
+
+
 def test_the_compile_cache_is_written_atomically_and_read_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
 
     module = _Tiny()
-    assert compile_denoiser(module) == "whole"
+    assert compile_denoiser(module, scope="regional", mode="default") == "whole"
     before = module(torch.ones(2, 8))
     folder = tmp_path / "compile" / "key"
     label = "none bf16 (vae tiling, compiled)"

@@ -16,10 +16,14 @@ def _ao_config(precision: str) -> Any:
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8WeightOnlyConfig,
+        PerRow,
     )
 
     if precision == "float8":
-        return Float8DynamicActivationFloat8WeightConfig()
+        # Row-wise scales (one per output channel of the weight, one per token of the
+        # activation): the granularity the speed figure was measured with
+        # (../shared/notes/speed-levers.md; diffusers-torchao's fastest Flux setup).
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     return Int8WeightOnlyConfig()
 
 

@@ -14,20 +14,25 @@ from dataclasses import dataclass, replace
 from autoquant.backends import UNQUANTIZED, backend_class, backend_classes, validate_tier_name
 from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
+from autoquant.execute.compile import MODES, SCOPES
 from autoquant.models.types import ModelInventory
 from autoquant.probe.types import HardwareProfile
 
 TEXT_ENCODERS = "te"  # "+te": the text encoders are quantized with the denoiser's backend
 # "+te=backend:precision": the text encoders quantized by another backend (a mixed tier)
 MIXED_TEXT_ENCODERS = "te="
-COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile
+COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile, as its figure says
+# "+compile=SCOPE[:MODE]": compiled another way than the calibration's (execute/compile.py SCOPES,
+# MODES), to measure which wins
+COMPILE_AS = "compile="
 _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 
 
 @dataclass(frozen=True)
 class TierSpec:
     """One tier of the sweep as written on the command line: ``backend:precision[+extra...]``,
-    each extra a memory option, ``te``, ``te=backend:precision`` or ``compile``."""
+    each extra a memory option, ``te``, ``te=backend:precision``, ``compile`` or
+    ``compile=SCOPE[:MODE]``."""
 
     backend: str
     precision: str
@@ -35,6 +40,7 @@ class TierSpec:
     memory_options: tuple[str, ...] = ()  # in the order of backends.tier.MEMORY_OPTIONS
     compile: bool = False
     encoders: str | None = None  # "backend:precision" of text encoders another backend quantizes
+    compile_as: str | None = None  # "SCOPE:MODE" where +compile=… overrides the calibration's
 
     @classmethod
     def parse(cls, text: str) -> TierSpec:
@@ -48,7 +54,12 @@ class TierSpec:
             raise AutoquantError(f"tier {text!r}: {err}") from None
         known = (TEXT_ENCODERS, COMPILE, *MEMORY_OPTIONS)
         mixed = [e.removeprefix(MIXED_TEXT_ENCODERS) for e in extras if e.startswith("te=")]
-        unknown = [e for e in extras if e not in known and not e.startswith(MIXED_TEXT_ENCODERS)]
+        compile_as = [_compile_as(text, e) for e in extras if e.startswith(COMPILE_AS)]
+        unknown = [
+            e
+            for e in extras
+            if e not in known and not e.startswith((MIXED_TEXT_ENCODERS, COMPILE_AS))
+        ]
         if unknown:
             raise AutoquantError(
                 f"tier {text!r}: unknown extra {unknown[0]!r}; choose from {', '.join(known)}"
@@ -75,6 +86,8 @@ class TierSpec:
                 )
         if len(mixed) > 1 or (mixed and TEXT_ENCODERS in extras):
             raise AutoquantError(f"tier {text!r}: give the text encoders one format")
+        if len(compile_as) + (COMPILE in extras) > 1:
+            raise AutoquantError(f"tier {text!r}: compile it one way")
         if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
         return cls(
@@ -82,8 +95,9 @@ class TierSpec:
             precision,
             text_encoders=TEXT_ENCODERS in extras,
             memory_options=tuple(o for o in MEMORY_OPTIONS if o in extras),
-            compile=COMPILE in extras,
+            compile=COMPILE in extras or bool(compile_as),
             encoders=mixed[0] if mixed else None,
+            compile_as=compile_as[0] if compile_as else None,
         )
 
     @property
@@ -108,13 +122,22 @@ class TierSpec:
         extras = [TEXT_ENCODERS] if self.text_encoders else []
         extras += [MIXED_TEXT_ENCODERS + self.encoders] if self.encoders else []
         extras += list(self.memory_options)
-        extras += [COMPILE] if self.compile else []
+        if self.compile:
+            extras += [COMPILE_AS + self.compile_as if self.compile_as else COMPILE]
         return f"{self.backend}:{self.precision}" + "".join(f"+{e}" for e in extras)
 
     @property
     def file_stem(self) -> str:
         """The name as a file name of plain characters (``quanto-int8-te-model_cpu_offload``)."""
         return self.name.replace(":", "-").replace("+", "-").replace("=", "-")
+
+    @property
+    def compile_scope_mode(self) -> tuple[str, str] | None:
+        """The override's (scope, mode); None: compiled as the calibration says."""
+        if not self.compile_as:
+            return None
+        scope, _, mode = self.compile_as.partition(":")
+        return scope, mode
 
     def without_vae_options(self) -> TierSpec:
         """The same tier without VAE slicing/tiling: they change only the decode (its memory, and
@@ -153,6 +176,18 @@ class TierSpec:
             encoders,
             self.compile,
         )
+
+
+def _compile_as(text: str, extra: str) -> str:
+    """``compile=SCOPE[:MODE]`` → ``SCOPE:MODE``, checked against execute/compile.py's names."""
+    scope, _, mode = extra.removeprefix(COMPILE_AS).partition(":")
+    mode = mode or MODES[0]
+    if scope not in SCOPES or mode not in MODES:
+        raise AutoquantError(
+            f"tier {text!r}: +compile=SCOPE[:MODE] takes a scope of {', '.join(SCOPES)} and a "
+            f"mode of {', '.join(MODES)}"
+        )
+    return f"{scope}:{mode}"
 
 
 def parse_tier_list(text: str) -> list[TierSpec]:

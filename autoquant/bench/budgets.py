@@ -16,7 +16,7 @@ from autoquant.core.units import GB
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Estimate, Request, estimate
 from autoquant.planner.fidelity import fidelity_class, fidelity_rank
-from autoquant.planner.plan import plan
+from autoquant.planner.plan import compile_weight, plan
 from autoquant.probe.emulate import emulate
 from autoquant.probe.types import HardwareProfile
 
@@ -81,12 +81,16 @@ def _rank(record: dict[str, Any]) -> int:
     return fidelity_rank(fidelity_class(record_tier(record)))
 
 
-def _latency(record: dict[str, Any]) -> float | None:
+def _latency(record: dict[str, Any], compile_weight: float) -> float | None:
     """End-to-end seconds of the tier's generation: what a user waits for. The denoiser's step
     latency hides offloading (the UNet stays resident through the steps) and moves with the host
-    CPU between processes on a fast card, so plans are compared on whole generations."""
+    CPU between processes on a fast card, so plans are compared on whole generations. A compiled
+    tier's generation (timed after its compile) carries the compile's share the planner ranks it
+    with (planner/plan.py compile_weight)."""
     seconds = record.get("e2e_seconds")
-    return float(seconds) if seconds else None
+    if not seconds:
+        return None
+    return float(seconds) + float(record.get("compile_seconds") or 0.0) * compile_weight
 
 
 def _measured_as(chosen: TierSpec, records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -150,38 +154,39 @@ def budget_rows(
             "fidelity": the_plan.chosen.fidelity,
             "path": list(the_plan.path),
         }
-        measured = _measured_as(chosen, [r for r in records if not r.get("compile")])
+        measured = _measured_as(chosen, records)
         if measured is not None:
-            row.update(_compare(measured, fitting))
+            row.update(_compare(measured, fitting, compile_weight(settings, request.batch)))
         rows.append(row)
     return rows
 
 
-def _compare(measured: dict[str, Any], fitting: list[dict[str, Any]]) -> dict[str, Any]:
+def _compare(
+    measured: dict[str, Any], fitting: list[dict[str, Any]], compile_weight: float
+) -> dict[str, Any]:
     """The plan's tier against the fastest fitting tier of its fidelity class or a better one
-    whose generation ran as many steps (compiled tiers left out: the planner never compiles)."""
+    whose generation ran as many steps, compiled tiers at their compile's share."""
+    latency = _latency(measured, compile_weight)
     out: dict[str, Any] = {
         "plan_measured_as": measured["spec"],
         "plan_fits_measured": measured in fitting,
-        "plan_e2e_seconds": _latency(measured),
+        "plan_e2e_seconds": latency,
     }
-    latency = _latency(measured)
     if latency is None:
         return out
     # Whole generations compare only at one step count (calls may have run different ones).
-    candidates = [
-        r
+    timed = {
+        r["spec"]: t
         for r in fitting
-        if not r.get("compile")
-        and _latency(r) is not None
+        if (t := _latency(r, compile_weight)) is not None
         and _rank(r) <= _rank(measured)
         and r["request"]["steps"] == measured["request"]["steps"]
-    ]
-    if candidates:
-        best = min(candidates, key=lambda r: _latency(r) or 0.0)
-        out["best"] = best["spec"]
-        out["best_e2e_seconds"] = _latency(best)
-        out["latency_ratio"] = latency / (_latency(best) or latency)
+    }
+    if timed:
+        best = min(timed, key=timed.__getitem__)
+        out["best"] = best
+        out["best_e2e_seconds"] = timed[best]
+        out["latency_ratio"] = latency / timed[best]
     return out
 
 

@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a list of: all (every backend/precision usable here, per the probe), planned "
         "(every plan of the planner's ladder at each budget), or tiers like "
         "none:bf16,gguf:q4_0,quanto:int8+te,none:bf16+model_cpu_offload; extras: te "
-        "(quantized text encoders), compile, vae_slicing, vae_tiling, attention_slicing, "
-        "model_cpu_offload, group_offload_streams, group_offload",
+        "(quantized text encoders), compile, compile=SCOPE[:MODE] (regional|whole and a "
+        "torch.compile mode), vae_slicing, vae_tiling, attention_slicing, model_cpu_offload, "
+        "group_offload_streams, group_offload",
     )
     p.add_argument(
         "--budgets",

@@ -30,8 +30,9 @@ DEFINITIONS = (
     "pixel-difference score 100 × (1 − mean|a − b|/255): 100 is identical.",
     "latency ratio = the plan's tier's end-to-end generation time / the fastest tier (end to end) "
     "that fits the budget "
-    "with a per-layer error no worse than the plan's (compiled tiers left out: the planner "
-    "never compiles); 1.00 means the plan picked the fastest. Generations compare only at one "
+    "with a per-layer error no worse than the plan's, a compiled tier's generation with its "
+    "compile seconds spread over planner.expected_images as the planner ranks it; 1.00 means "
+    "the plan picked the fastest. Generations compare only at one "
     "step count: a tier timed at another (another call's request) says so in its e2e cell, "
     "is left out of the plot and is compared only with tiers of its own step count.",
 )

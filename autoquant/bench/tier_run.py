@@ -431,8 +431,14 @@ class _TierRun:
         assert self.call is not None
         if self.options.spec.compile:
             from autoquant.execute.compile import compile_denoiser
+            from autoquant.planner.latency import compile_figure
 
-            self.record["compiled_how"] = compile_denoiser(self.denoiser)
+            figure = compile_figure(
+                self.inventory, self.tier, on_gpu=self.device != "cpu", nearest=True
+            )
+            assert figure is not None  # nearest always gives one
+            scope, mode = self.options.spec.compile_scope_mode or (figure.scope, figure.mode)
+            self.record["compiled_how"] = compile_denoiser(self.denoiser, scope=scope, mode=mode)
         own = self.call
         samples, first = time_forwards(
             lambda: self._forward(own), self.device, self.options.repeats

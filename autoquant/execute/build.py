@@ -12,6 +12,7 @@ from autoquant.backends.tier import VAE_TILE_PIXELS
 from autoquant.execute.compile import compile_denoiser
 from autoquant.execute.lora import LoraFile, apply_lora
 from autoquant.models.types import ModelInventory
+from autoquant.planner.latency import compile_figure
 from autoquant.planner.plan import PlannedTier
 
 if TYPE_CHECKING:
@@ -146,5 +147,11 @@ def build_tier(
     apply_lora(pipe, lora, planned.tier, planned.label)
     apply_memory_options(pipe, planned, device)
     if planned.tier.compiled:
-        compile_denoiser(getattr(pipe, inventory.denoiser.name))
+        figure = compile_figure(
+            inventory, planned.tier, on_gpu=device.startswith("cuda"), nearest=True
+        )
+        assert figure is not None  # nearest always gives one
+        compile_denoiser(
+            getattr(pipe, inventory.denoiser.name), scope=figure.scope, mode=figure.mode
+        )
     return pipe

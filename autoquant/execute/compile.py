@@ -1,12 +1,9 @@
 """Compiling a denoiser (the one way the executor and the bench do it) and the compile caches
 that outlive the process. What a first call costs is timed by the smoke test (smoke.py).
 
-A denoiser whose class declares ``_repeated_blocks`` (diffusers' ModelMixin: Flux's transformer
-blocks, the UNet's BasicTransformerBlock) is compiled regionally, each repeated block on its own
-with ``fullgraph=True`` (diffusers' ``compile_repeated_blocks``): one block's code serves them
-all, so it compiles in seconds rather than minutes (Flux-dev on an H200: 17 s against 362 s for
-a float8 transformer compiled the same way; ../shared/notes/speed-levers.md). Any other denoiser
-is compiled whole.
+A denoiser is compiled regionally (each of its class's ``_repeated_blocks``: diffusers'
+``compile_repeated_blocks``) or whole, in one of torch.compile's modes: as its format's figure in
+profiles/latency.yaml was measured (``SCOPES``, ``MODES``).
 
 The caches are torch's "mega-cache" (``torch.compiler.save_cache_artifacts``: the inductor and
 AOT-autograd entries the process compiled), one file per tier under ``cache_dir()/compile/``,
@@ -34,20 +31,35 @@ COMPILE_DIR = "compile"
 _ARTIFACT_SUFFIX = ".bin"
 
 
-def compile_denoiser(denoiser: Any) -> str:
+# How a denoiser may be compiled (profiles/latency.yaml compile: each figure names the scope and
+# mode it was measured with, and the executor compiles that way). "regional": each block of the
+# class's _repeated_blocks on its own with fullgraph=True (diffusers' compile_repeated_blocks;
+# one block's code serves them all, so it compiles in seconds: Flux-dev on an H200, 17 s);
+# "whole": the denoiser's forward as one graph (SDXL's UNet: its resnets and samplers are not
+# repeated blocks, and only whole was measured 2x faster). Modes are torch.compile's.
+SCOPES = ("regional", "whole")
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def compile_denoiser(denoiser: Any, *, scope: str, mode: str) -> str:
     """Compile ``denoiser`` in place (the pipeline's attribute and its module names unchanged);
-    returns how, in words: "regional (…blocks…)" or "whole"."""
+    returns how, in words ("regional (…blocks…)" or "whole", and the mode unless default). A
+    denoiser without repeated blocks is compiled whole whatever ``scope`` asks."""
     import torch
 
+    if scope not in SCOPES or mode not in MODES:
+        raise ValueError(f"compile scope {scope!r} / mode {mode!r}: not one of {SCOPES} / {MODES}")
+    options: dict[str, str] = {} if mode == "default" else {"mode": mode}
     blocks = tuple(getattr(denoiser, "_repeated_blocks", None) or ())
-    if blocks and hasattr(denoiser, "compile_repeated_blocks"):
-        denoiser.compile_repeated_blocks(fullgraph=True)
-        return f"regional ({', '.join(blocks)})"
+    suffix = "" if mode == "default" else f", {mode}"
+    if scope == "regional" and blocks and hasattr(denoiser, "compile_repeated_blocks"):
+        denoiser.compile_repeated_blocks(fullgraph=True, **options)
+        return f"regional ({', '.join(blocks)}){suffix}"
     # The forward, not the module's __call__ (nn.Module.compile): forward hooks (the smoke
     # test's timers) then stay outside the compiled code, and adding or removing one does not
     # recompile it.
-    denoiser.forward = torch.compile(denoiser.forward)
-    return "whole"
+    denoiser.forward = torch.compile(denoiser.forward, mode=options.get("mode"))
+    return f"whole{suffix}"
 
 
 def cache_folder(

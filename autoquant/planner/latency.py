@@ -129,12 +129,25 @@ _NEAREST_COMPILED = "none bf16"
 @dataclass(frozen=True)
 class CompileFigure:
     """What compiling a tier's denoiser does: its step against the same format eager, and the
-    seconds of a cold compile. ``stands_in``: the format whose figure this is, when the tier's
-    own format has none (None: its own measurement)."""
+    seconds of a cold compile, measured compiled the way ``scope`` and ``mode`` say (the
+    executor compiles it so: execute/compile.py). ``stands_in``: the format whose figure this
+    is, when the tier's own format has none (None: its own measurement)."""
 
     step_factor: float
     seconds: float
+    scope: str = "regional"  # compile.SCOPES
+    mode: str = "default"  # compile.MODES
     stands_in: str | None = None
+
+
+def _figure(entry: dict[str, Any], stands_in: str | None = None) -> CompileFigure:
+    return CompileFigure(
+        float(entry["step_factor"]),
+        float(entry["seconds"]),
+        str(entry.get("scope", "regional")),
+        str(entry.get("mode", "default")),
+        stands_in,
+    )
 
 
 def compile_figure(
@@ -145,17 +158,12 @@ def compile_figure(
     figure on a GPU, and on a CPU no speed-up at the CPU's measured compile time."""
     figures = calibration()["compile"]
     if not on_gpu:
-        return CompileFigure(1.0, float(figures["cpu"]["seconds"]), "cpu") if nearest else None
+        return _figure(figures["cpu"], "cpu") if nearest else None
     table = figures["gpu"][_denoiser_kind(inventory)]
     own = table.get(_format_key(tier))
     if own is not None:
-        return CompileFigure(float(own["step_factor"]), float(own["seconds"]))
-    if not nearest:
-        return None
-    stand_in = table[_NEAREST_COMPILED]
-    return CompileFigure(
-        float(stand_in["step_factor"]), float(stand_in["seconds"]), _NEAREST_COMPILED
-    )
+        return _figure(own)
+    return _figure(table[_NEAREST_COMPILED], _NEAREST_COMPILED) if nearest else None
 
 
 def warm_compile_share() -> float:

@@ -44,10 +44,7 @@ class PlannedTier:
     fidelity: str = ""  # its fidelity class (planner/fidelity.py)
     # Each component's format, placement and weight bytes (_parts).
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The share of its compile's seconds each generation carries in the ranking: 1 over the
-    # generations expected (planner.expected_images ÷ batch); 0 under planner.compile always,
-    # where the user has accepted the compile.
-    compile_weight: float = 1.0
+    compile_weight: float = 1.0  # compile_weight(): its compile's share a generation carries
 
     @property
     def label(self) -> str:
@@ -76,6 +73,21 @@ class PlannedTier:
             "latency": self.latency.to_dict() if self.latency else None,
             "parts": self.parts,
         }
+
+
+def compile_generations(settings: dict[str, Any], batch: int) -> int:
+    """Generations a compile is spread over: the images expected (planner.expected_images),
+    ``batch`` a generation."""
+    images = int(settings["planner"]["expected_images"])
+    return max(-(-images // batch), 1)
+
+
+def compile_weight(settings: dict[str, Any], batch: int) -> float:
+    """The share of its compile's seconds each generation carries in the ranking: 1 over the
+    generations expected; 0 under planner.compile always, where the user has accepted it."""
+    if str(settings["planner"]["compile"]) == "always":
+        return 0.0
+    return 1 / compile_generations(settings, batch)
 
 
 @dataclass(frozen=True)
@@ -138,9 +150,7 @@ class _Context:
 
     @property
     def compile_generations(self) -> int:
-        """Generations a compile is spread over: the images expected, ``batch`` a generation."""
-        images = int(self.settings["planner"]["expected_images"])
-        return max(-(-images // self.request.batch), 1)
+        return compile_generations(self.settings, self.request.batch)
 
     def planned(self, tier: Tier, device_map: str | None = None) -> PlannedTier:
         """``tier`` estimated, judged against the budget, priced and classed."""
@@ -154,7 +164,7 @@ class _Context:
             predict(self.inventory, tier, self.request, est, self.profile, warm=warm),
             fidelity_class(tier),
             _parts(self.inventory, tier, est),
-            0.0 if self.compile_mode == "always" else 1 / self.compile_generations,
+            compile_weight(self.settings, self.request.batch),
         )
 
 
