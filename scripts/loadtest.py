@@ -7,8 +7,9 @@
 
 Each concurrency level sends a fixed number of requests (--requests) or stops at --time-limit,
 whichever comes first, after one warm-up request per server. Prints a Markdown table (JSON with
---json): throughput in images/s, p50/p95 latency of the 200 answers, and the mean batch the
-server ran (from its /metrics), with the server's model, tier and device.
+--json): throughput in images/s, p50/p95 latency of the 200 answers, the mean batch the server
+ran and the graphs a compiled plan compiled after its warm-up (from its /metrics), with the
+server's model, tier and device.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Level:
     p50_seconds: float
     p95_seconds: float
     mean_batch: float  # images per pipeline call, from the server's counters
+    recompiles: int  # graphs a compiled plan compiled during the level (0: its warm-up held)
 
 
 def loopback_url(text: str) -> str:
@@ -127,6 +129,9 @@ def measure(url: str, batching: str, args: argparse.Namespace) -> list[Level]:
                     p50_seconds=round(percentile(latencies, 0.5), 3),
                     p95_seconds=round(percentile(latencies, 0.95), 3),
                     mean_batch=round(images / batches, 2) if batches else math.nan,
+                    recompiles=int(
+                        after["autoquant_recompiles_total"] - before["autoquant_recompiles_total"]
+                    ),
                 )
             )
     return levels
@@ -135,7 +140,8 @@ def measure(url: str, batching: str, args: argparse.Namespace) -> list[Level]:
 def server_info(url: str) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=30) as client:
         report = client.get("/report").json()
-        max_batch = counters(client)["autoquant_max_batch"]
+        metrics = counters(client)
+        max_batch = metrics["autoquant_max_batch"]
     return {
         "model": report["model"],
         "tier": report["chosen"]["label"],
@@ -143,6 +149,9 @@ def server_info(url: str) -> dict[str, Any]:
         "batching": "off" if max_batch == 1 else "on",
         "max_batch": int(max_batch),
         "tuned_size": f"{report['plan']['request']['width']}x{report['plan']['request']['height']}",
+        "compiled": bool(report["chosen"].get("compiled")),
+        "warmup_seconds": metrics["autoquant_warmup_seconds"],
+        "warmup_compiles": int(metrics["autoquant_warmup_compiles"]),
     }
 
 
@@ -189,10 +198,16 @@ def markdown(info: list[dict[str, Any]], levels: list[Level], args: argparse.Nam
         f"server: {info[0]['model']}, {info[0]['tier']} on {info[0]['device']}; "
         f"requests: {size} px, {args.steps} steps, "
         f"up to {args.requests} per level, {args.time_limit:.0f} s limit",
+        *(
+            f"compiled: warm-up {i['warmup_seconds']:.1f} s, {i['warmup_compiles']} graphs "
+            f"(batching {i['batching']})"
+            for i in info
+            if i["compiled"]
+        ),
         "",
         "| batching | concurrency | requests | ok | 503 | errors | s | images/s | p50 s | p95 s "
-        "| mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean batch | recompiles |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
         row = asdict(level).values()

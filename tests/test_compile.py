@@ -288,3 +288,22 @@ def test_the_compile_cache_is_written_atomically_and_read_back(
     with pytest.raises(TypeError):
         save_artifacts(other)
     assert sorted(p.name for p in folder.iterdir()) == [path.name]
+
+
+def test_freeing_memory_keeps_the_compiled_graphs_only_when_asked() -> None:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from autoquant.execute import memory
+
+    module = _Tiny()
+    compile_denoiser(module, scope="whole", mode="default")
+    x = torch.ones(2, 8)
+    module(x)
+    graphs = counters["stats"]["unique_graphs"]
+    memory.free("cpu", keep_compiled=True)  # the same tier runs on: nothing to compile again
+    module(x)
+    assert counters["stats"]["unique_graphs"] == graphs
+    memory.free("cpu")  # a failed tier's graphs go: the next call compiles afresh
+    module(x)
+    assert counters["stats"]["unique_graphs"] == graphs + 1

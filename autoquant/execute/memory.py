@@ -26,15 +26,20 @@ def _on_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def free(device: str) -> None:
+def free(device: str, *, keep_compiled: bool = False) -> None:
     """Collect garbage and give cached blocks back, so a failed tier's memory is reusable.
-    Call it after leaving the `except` block: a live traceback pins the failed tensors."""
+    Call it after leaving the `except` block: a live traceback pins the failed tensors. Unless
+    ``keep_compiled`` (the same tier runs on: a failed call of it, a split batch), torch.compile's
+    graphs go too: a failed tier's hold references, and a kept tier would compile each shape
+    again."""
     import torch
 
     gc.collect()
     if _on_cuda(device) and torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    if keep_compiled:
+        return
     with contextlib.suppress(Exception):  # dynamo may be unavailable: nothing to reset then
         torch._dynamo.reset()  # compiled graphs hold references too
 

@@ -54,7 +54,7 @@ def generate(result: Result, log: Log, **call: Any) -> Any:
             if not memory.is_oom(err):
                 raise
             failure = str(err).splitlines()[0] if str(err) else "out of memory"
-        memory.free(result.plan.device)
+        memory.free(result.plan.device, keep_compiled=True)  # the tier may run on
         size = f"{call.get('width')}x{call.get('height')}"
         remedy = _next_remedy(result, applied)
         if remedy is not None:

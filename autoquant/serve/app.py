@@ -72,8 +72,8 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     406: {"description": "Accept allows neither type, or image/png with n > 1"},
     413: {"description": "the body is too large, or the request needs more memory than here"},
     422: {
-        "description": "a field is invalid (`errors` names it), or the request would take "
-        "longer than --max-request-seconds"
+        "description": "a field is invalid (`errors` names it), the request would take "
+        "longer than --max-request-seconds, or a compiled server does not serve its size"
     },
     503: {
         "description": "tuning, draining, aborted, or the queue is full: retry after Retry-After s"
@@ -419,7 +419,9 @@ def create_app(
         if worker.report is None:
             return _unavailable(f"not ready: {worker.state}", retry_after())
         # Its paths are replaced already (serve/report.py).
-        return JSONResponse(worker.report | ({"replica": replica} if replica else {}))
+        shapes = worker.shapes_report()
+        extra = ({"replica": replica} if replica else {}) | ({"shapes": shapes} if shapes else {})
+        return JSONResponse(worker.report | extra)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> PlainTextResponse:

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from autoquant.cli.args import add_tuning_arguments, tuning_options
+from autoquant.cli.args import add_tuning_arguments, tuning_options, width_height
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.core.units import parse_size
 from autoquant.planner.rules import EXPECTED_IMAGES
@@ -31,6 +31,9 @@ MAX_BATCH_WINDOW_MS = 10_000.0
 SIDE_RANGE = (8, 8192)  # the latent grid is 1/8 of the image
 MAX_REQUEST_SECONDS_RANGE = (1.0, 86_400.0)
 MAX_REPLICAS = 1024
+# Sizes a compiled plan serves besides --size: each one is a warm-up of every batch bucket (a
+# compile, or a run at least, per bucket) before the server is ready.
+MAX_SERVED_SIZES = 4
 
 
 def _integer(low: int, high: int, *, multiple: int = 1) -> Callable[[str], int]:
@@ -97,6 +100,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             help=f"{which} width/height, a multiple of 8 up to {SIDE_RANGE[1]} (%(default)s)",
         )
     serving.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=(),
+        metavar="WxH[,WxH…]",
+        help="a compiled plan serves only the sizes it warmed up at start: --size and these "
+        f"(up to {MAX_SERVED_SIZES}); another size is refused with 422. An eager plan serves "
+        "every size within --min-side..--max-side and warms none",
+    )
+    serving.add_argument(
         "--expected-images",
         type=_integer(int(EXPECTED_IMAGES.low), int(EXPECTED_IMAGES.high or 1)),
         help="images the server is expected to make, over which a compiled plan's compile "
@@ -127,6 +139,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="with --ray: the cluster to join (as `ray start --address`); default: start one here",
     )
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """--sizes: WIDTHxHEIGHT[,WIDTHxHEIGHT…], at most MAX_SERVED_SIZES distinct ones."""
+    sizes = tuple(dict.fromkeys(width_height(part.strip()) for part in text.split(",")))
+    if len(sizes) > MAX_SERVED_SIZES:
+        raise argparse.ArgumentTypeError(f"{text!r}: {MAX_SERVED_SIZES} sizes at most")
+    return sizes
 
 
 def _replicas(text: str) -> int | str:
@@ -176,11 +196,13 @@ def _tune_options(args: argparse.Namespace) -> Any:
 def _check_sizes(args: argparse.Namespace) -> None:
     if args.min_side > args.max_side:
         raise AutoquantError(f"--min-side {args.min_side} is above --max-side {args.max_side}")
-    if args.size and not all(args.min_side <= side <= args.max_side for side in args.size):
-        raise AutoquantError(
-            f"--size {args.size[0]}x{args.size[1]} is outside --min-side {args.min_side} .. "
-            f"--max-side {args.max_side}"
-        )
+    named = [("--size", args.size)] if args.size else []
+    for flag, (width, height) in named + [("--sizes", size) for size in args.sizes]:
+        if not all(args.min_side <= side <= args.max_side for side in (width, height)):
+            raise AutoquantError(
+                f"{flag} {width}x{height} is outside --min-side {args.min_side} .. "
+                f"--max-side {args.max_side}"
+            )
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -227,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         batch_window=args.batch_window_ms / 1000,
         vram_limit_bytes=parse_size(args.vram_limit) if args.vram_limit else None,
         max_request_seconds=args.max_request_seconds,
+        sizes=args.sizes,
     )
     if args.ray:
         from autoquant.serve import ray_deploy

@@ -30,6 +30,8 @@ class Metrics:
         self._requests: Counter[int] = Counter()  # by HTTP status
         self._batch_sizes: Counter[int] = Counter()  # requests per pipeline call
         self._images = 0
+        self._recompiles = 0  # graphs torch compiled after a compiled plan's warm-up
+        self._warmup: tuple[int, float] = (0, 0.0)  # its graphs compiled and seconds
         self._ooms_recovered = 0
         self._batch_splits = 0
         self._cancelled: Counter[str] = Counter()  # by where the request was: queued, running
@@ -50,6 +52,18 @@ class Metrics:
         with self._lock:
             self._batch_sizes[requests] += 1
             self._images += images
+
+    def warmed_up(self, compiles: int, seconds: float) -> None:
+        with self._lock:
+            self._warmup = (compiles, seconds)
+
+    def recompiled(self, graphs: int) -> None:
+        with self._lock:
+            self._recompiles += graphs
+
+    def recompiles(self) -> int:
+        with self._lock:
+            return self._recompiles
 
     def oom_recovered(self, count: int = 1) -> None:
         with self._lock:
@@ -94,6 +108,26 @@ class Metrics:
                 add.sample("autoquant_batch_size_total", self._batch_sizes[size], size=str(size))
             add.header("autoquant_images_total", "counter", "images generated")
             add.sample("autoquant_images_total", self._images)
+            add.header(
+                "autoquant_recompiles_total",
+                "counter",
+                "graphs torch.compile compiled after the warm-up (a shape it did not run, or a "
+                "recovery that rebuilt or reset the compiled tier); 0 for an eager plan",
+            )
+            add.sample("autoquant_recompiles_total", self._recompiles)
+            compiles, seconds = self._warmup
+            add.header(
+                "autoquant_warmup_compiles",
+                "gauge",
+                "graphs torch.compile compiled by the warm-up at start (0: an eager plan)",
+            )
+            add.sample("autoquant_warmup_compiles", compiles)
+            add.header(
+                "autoquant_warmup_seconds",
+                "gauge",
+                "seconds the warm-up took: a call per image count and size, compiles included",
+            )
+            add.sample("autoquant_warmup_seconds", seconds)
             add.header(
                 "autoquant_ooms_recovered_total",
                 "counter",

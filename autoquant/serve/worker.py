@@ -10,6 +10,11 @@ down the tier ladder.
 A request is bounded before it is queued (serve/admission.py) and stopped once nobody waits for
 it: a queued one whose client left is dropped, and a running call whose clients all left (or
 whose drain a second signal aborted) stops at its next denoising step.
+
+A compiled plan keeps to the shapes it compiled (docs/serving.md, "Compiled plans"): every image
+count a call may have is run at every served size before the server is ready, a request of
+another size is refused, and the graphs torch compiles after that warm-up are counted as
+recompiles.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from autoquant.core.errors import error_line
+from autoquant.core.errors import AutoquantError, error_line
 from autoquant.core.units import format_bytes
 from autoquant.execute import memory
 from autoquant.execute.tuning import TuneOptions, tune
 from autoquant.serve.admission import DEFAULT_MAX_REQUEST_SECONDS, Admission, Refusal
 from autoquant.serve.metrics import Metrics
 from autoquant.serve.report import json_ready, private_locations, public_report
-from autoquant.serve.schema import DEFAULT_STEPS, Generation
+from autoquant.serve.schema import DEFAULT_STEPS, MAX_IMAGES, Generation
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,6 +51,10 @@ MEMORY_HEADROOM = 0.8
 
 TUNING, READY, DRAINING, STOPPED, FAILED = "tuning", "ready", "draining", "stopped", "failed"
 
+# Denoising steps of a warm-up call: every step calls the denoiser with the same shapes, and the
+# first compiles them; the second runs what the first compiled.
+WARMUP_STEPS = 2
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -54,6 +63,7 @@ class WorkerSettings:
     batch_window: float = 0.02  # seconds the oldest request waits for others to join it
     vram_limit_bytes: int | None = None  # --vram-limit: the memory this process may use
     max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS  # predicted work per request
+    sizes: tuple[tuple[int, int], ...] = ()  # --sizes: served by a compiled plan besides --size
 
     def __post_init__(self) -> None:
         # The CLI bounds each flag; this catches a caller building settings itself (an infinite
@@ -140,7 +150,7 @@ def run_halving(
             raise
         failure = error_line(err)
     # Outside the except block: its traceback would keep the failed call's tensors alive.
-    memory.free(device)
+    memory.free(device, keep_compiled=True)  # the same tier runs the halves
     metrics.oom_recovered()
     metrics.batch_split()
     half = len(jobs) // 2
@@ -150,6 +160,30 @@ def run_halving(
     return run_halving(jobs[:half], run_batch, run_single, device, metrics) + run_halving(
         jobs[half:], run_batch, run_single, device, metrics
     )
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far: dynamo's own count,
+    ``torch._dynamo.utils.counters["stats"]["unique_graphs"]`` (torch 2.13: one per graph it
+    hands its backend, a recompile for new shapes included; torch._dynamo.reset() leaves it).
+    Process-wide, so the worker reads it before and after."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What a compiled plan's warm-up ran: calls of 1 to ``most_images`` images at each of
+    ``sizes``, and the graphs torch compiled and the seconds it took."""
+
+    most_images: int
+    sizes: tuple[tuple[int, int], ...]
+    compiles: int
+    seconds: float
+
+    def size_names(self) -> list[str]:
+        return [f"{width}x{height}" for width, height in self.sizes]
 
 
 def call_arguments(jobs: list[Job]) -> dict[str, Any]:
@@ -207,6 +241,7 @@ class Worker:
         self.admission: Admission | None = None  # replaced whole, never changed in place
         self.default_size: tuple[int, int] = (0, 0)
         self.last_limit = 0  # images per call allowed for the latest batch
+        self.shapes: Shapes | None = None  # a compiled plan's warm-up, once it has run
         self.aborted_by: int | None = None  # the signal that aborted the drain
         self.aborted_requests = 0  # queued requests that abort answered unrun
         self._options = options
@@ -214,6 +249,7 @@ class Worker:
         self._result: Result | None = None
         self._bytes_per_pixel = 0.0
         self._step: tuple[float, tuple[int, int]] = (0.0, (1, 1))  # seconds a step, at a size
+        self._graphs_seen = 0  # compiled_graphs() after the latest call (compiled plans)
         self._state = TUNING
         self._closed = False
         self._jobs: deque[Job] = deque()
@@ -239,9 +275,38 @@ class Worker:
         self._thread.start()
 
     def refusal(self, generation: Generation) -> Refusal | None:
-        """Why ``generation`` cannot be served here (too much memory or time), or None."""
+        """Why ``generation`` cannot be served here (too much memory or time, or a size a
+        compiled plan did not warm up), or None."""
+        shapes = self.compiled_shapes()
+        if shapes is not None and (generation.width, generation.height) not in shapes.sizes:
+            return Refusal(
+                422,
+                f"{generation.width}x{generation.height}: this server runs a compiled plan and "
+                f"serves only the sizes it compiled, {', '.join(shapes.size_names())} (another "
+                "would stall the queue behind a compile): ask for one of them, or start it "
+                "with --sizes",
+            )
         admission = self.admission
         return admission.refusal(generation) if admission is not None else None
+
+    def compiled_shapes(self) -> Shapes | None:
+        """The warm-up's shapes while the tier serving is compiled; None for an eager one (and
+        after recovery moved to an eager tier: it runs any shape without compiling)."""
+        result = self._result
+        return self.shapes if result is not None and result.chosen.tier.compiled else None
+
+    def shapes_report(self) -> dict[str, Any] | None:
+        """The warm-up and the recompiles since, for /report; None when there was none."""
+        shapes = self.shapes
+        if shapes is None:
+            return None
+        return {
+            "most_images": shapes.most_images,
+            "sizes": shapes.size_names(),
+            "warmup_compiles": shapes.compiles,
+            "warmup_seconds": round(shapes.seconds, 3),
+            "recompiles": self.metrics.recompiles(),
+        }
 
     def submit(self, generation: Generation) -> Future[list[Image]]:
         with self._cond:
@@ -364,9 +429,56 @@ class Worker:
             logger.warning(
                 "a request with the default size and steps is refused: %s", refusal.detail
             )
+        if result.chosen.tier.compiled:
+            self._warm_up(result)
+        elif self.settings.sizes:
+            logger.info("--sizes: the plan is eager, so every size is served as it comes")
         with self._cond:
             if self._state == TUNING:
                 self._state = READY
+
+    def _warm_up(self, result: Result) -> None:
+        """Run a call of every image count at every served size once, so that the graphs of
+        every shape a request can bring are compiled before the server says it is ready: up to
+        the most images one call may hold (--max-batch, or a request's n when that is more), as
+        far as the memory free now holds them at the largest size.
+
+        Every count as it is, not padded up to a few buckets (docs/serving.md, "Compiled
+        plans", has the CPU measurement): padding cost 11% (3 images run as 4) to 43% (5 as 8),
+        and the static graph per bucket it would allow, 3-27% faster at 2, 4 and 8 images,
+        needs a compile per bucket and size, past dynamo's recompile_limit (8 graphs a code
+        object). So the batch dimension is dynamic: torch's automatic dynamic shapes make it so
+        at the second count, as torch._dynamo.mark_dynamic would (a regionally compiled
+        denoiser's blocks take tensors made inside the pipeline: there is no input to mark),
+        and the other counts only run, or compile here rather than in a request."""
+        sizes = tuple(dict.fromkeys([self.default_size, *self.settings.sizes]))
+        for width, height in sizes[1:]:
+            one = Generation("", None, width, height, DEFAULT_STEPS, None, seed=0, n=1)
+            refusal = self.refusal(one)
+            if refusal is not None and refusal.status == 413:
+                raise AutoquantError(f"--sizes {width}x{height}: {refusal.detail}")
+        largest = max(width * height for width, height in sizes)
+        most = max(self.settings.max_batch, MAX_IMAGES)
+        free = available_bytes(result.plan.device, self.settings.vram_limit_bytes)
+        most_images = images_that_fit(free, self._bytes_per_pixel * largest, most)
+        started, before = time.perf_counter(), compiled_graphs()
+        for width, height in sizes:
+            for images in range(1, most_images + 1):
+                warm = Generation("warm-up", None, width, height, WARMUP_STEPS, None, 0, images)
+                self._call([Job(warm)], on_step_end=None)
+        self._graphs_seen = compiled_graphs()
+        self.shapes = Shapes(
+            most_images, sizes, self._graphs_seen - before, time.perf_counter() - started
+        )
+        self.metrics.warmed_up(self.shapes.compiles, self.shapes.seconds)
+        logger.info(
+            "warmed up the compiled plan in %.1f s (%d graphs compiled): calls of 1 to %d "
+            "images at %s; no other size is served",
+            self.shapes.seconds,
+            self.shapes.compiles,
+            most_images,
+            ", ".join(self.shapes.size_names()),
+        )
 
     def _smoke_size(self, result: Result) -> tuple[int, int]:
         """The smoke test's size. It is not in the Result, so it is worked out from the
@@ -495,25 +607,50 @@ class Worker:
             return call(on_step_end)
         except CallStopped as stop:
             why = str(stop)
+        finally:
+            self._count_recompiles(jobs)
         # Outside the except block: its traceback would keep the stopped call's tensors alive.
         assert self._result is not None
-        memory.free(self._result.plan.device)
+        memory.free(self._result.plan.device, keep_compiled=True)  # the tier serves on
         self.metrics.call_stopped()
         logger.info("stopped a call of %d request(s) %s", len(jobs), why)
         return [[] for _ in jobs]
 
-    def _run_batch(self, jobs: list[Job]) -> list[list[Image]]:
+    def _count_recompiles(self, jobs: list[Job]) -> None:
+        """Count the graphs torch compiled during the latest call, once the warm-up has run."""
+        if self.shapes is None:
+            return
+        graphs = compiled_graphs()
+        if graphs > self._graphs_seen:
+            g = jobs[0].generation
+            images = sum(job.image_count for job in jobs)
+            self.metrics.recompiled(graphs - self._graphs_seen)
+            logger.warning(
+                "%d graph(s) compiled after the warm-up, by a call of %d image(s) at %dx%d",
+                graphs - self._graphs_seen,
+                images,
+                g.width,
+                g.height,
+            )
+            self._graphs_seen = graphs
+
+    def _call(self, jobs: list[Job], on_step_end: Callable[..., Any] | None) -> list[list[Image]]:
+        """One pipeline call of ``jobs``; each job's images."""
         assert self._result is not None
         from autoquant.execute.build import pipeline_call_kwargs
 
-        result = self._result
+        pipe: Any = self._result.pipeline
+        arguments = call_arguments(jobs)
+        if on_step_end is not None:
+            arguments["callback_on_step_end"] = on_step_end
+        output = pipe(**pipeline_call_kwargs(self._result.inventory, pipe, **arguments))
+        return split_images(list(output.images), jobs)
 
+    def _run_batch(self, jobs: list[Job]) -> list[list[Image]]:
         def call(on_step_end: Callable[..., Any]) -> list[list[Image]]:
-            pipe: Any = result.pipeline
-            arguments = call_arguments(jobs) | {"callback_on_step_end": on_step_end}
-            output = pipe(**pipeline_call_kwargs(result.inventory, pipe, **arguments))
+            per_job = self._call(jobs, on_step_end)
             self.metrics.batch_ran(len(jobs), sum(job.image_count for job in jobs))
-            return split_images(list(output.images), jobs)
+            return per_job
 
         return self._unless_stopped(jobs, call)
 
