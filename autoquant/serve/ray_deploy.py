@@ -7,6 +7,15 @@ unchanged. Ray Serve supplies what a fleet needs and one process does not: the p
 spreads requests by load, replacement of a replica that died or failed its health check, and
 autoscaling on ongoing requests.
 
+Two deployments make the application. The replicas ("autoquant") hold the workers; in front of
+them a light ingress ("autoquant-ingress", no CPU of its own) takes Ray Serve's HTTP requests
+and hands each to a replica through a DeploymentHandle. A replica whose process dies takes its
+running and queued requests with it: Ray's proxy answers those 500 when it calls the replica
+itself, and retries only a request not yet sent to one. Through the handle the ingress sees the
+death as Ray's RayActorError instead and answers 503 with Retry-After, as the worker answers
+when it cannot take a request; Ray's router has by then dropped the dead replica, so a retry
+goes to another.
+
 Batching stays the Worker's. Ray's `@serve.batch` gathers calls by count and wait time; the
 Worker batches by what one pipeline call can serve (the batch key: size, steps, guidance,
 negative prompt) and by the images that fit in the memory free right now (images_that_fit), and
@@ -31,33 +40,60 @@ import asyncio
 import fcntl
 import logging
 import signal
-import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import ray
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.execute.tuning import TuneOptions
 from autoquant.serve.app import Message, Receive, Scope, Send, create_app
 from autoquant.serve.metrics import Metrics
-from autoquant.serve.schema import SizeLimits
+from autoquant.serve.schema import MAX_BODY_BYTES, SizeLimits
 from autoquant.serve.worker import FAILED, READY, TUNING, Worker, WorkerSettings
 from autoquant.store.tuning_store import store_path
 
 logger = logging.getLogger("autoquant.serve")
 
 APP_NAME = "autoquant"
+REPLICAS_DEPLOYMENT = "autoquant"
+INGRESS_DEPLOYMENT = "autoquant-ingress"
 REPLICA_HEADER = "X-Autoquant-Replica"
 TUNED_POLL_SECONDS = 0.1
 # A replica that keeps failing to start (tuning fails the same way each time) is not retried
 # for long: the deployment is reported failed instead.
 CONSTRUCTOR_RETRIES = 3
 HEALTH_CHECK_SECONDS = 2.0
+# Retry-After of a request whose replica died under it. Ray's router drops a replica on the
+# RayActorError of a call to it, so a retry at once finds the others.
+REPLICA_LOST_RETRY_AFTER = 1
+# The ASGI scope's fields a replica's app reads, all plain values that pickle; the rest of the
+# ingress's scope (its app, router, Ray's own keys) is this process's.
+FORWARDED_SCOPE = (
+    "type",
+    "asgi",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "query_string",
+    "root_path",
+    "headers",
+    "client",
+    "server",
+)
 
 
 def _tuning_lock_path() -> Path:
@@ -99,6 +135,22 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """An HTTP request as the ingress hands it to a replica: its scope's plain fields and its
+    body, read whole (the app refuses a body over MAX_BODY_BYTES, so no more is read)."""
+
+    scope: dict[str, Any]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ForwardedAnswer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
 class AutoquantReplica:
     """One replica: a Worker for this replica's device and the app in front of it. Ray calls
     ``__serve_build_asgi_app__`` for the app, then runs its lifespan, which here returns only
@@ -123,6 +175,64 @@ class AutoquantReplica:
             error = self.worker.error
             raise RuntimeError(f"the worker died: {error_line(error) if error else 'unknown'}")
 
+    async def forward(self, request: ForwardedRequest) -> ForwardedAnswer:
+        """The app's answer to a request the ingress forwarded. A client that leaves cancels
+        this call (Ray Serve cancels a handle call when the request that made it is cancelled);
+        the app then hears http.disconnect, as from uvicorn, and drops the request's work."""
+        gone = asyncio.Event()
+        pending = [{"type": "http.request", "body": request.body, "more_body": False}]
+        start: Message = {"status": 500, "headers": []}
+        chunks: list[bytes] = []
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        call = asyncio.ensure_future(self.fastapi_app(dict(request.scope), receive, send))
+        try:
+            await asyncio.shield(call)
+        except asyncio.CancelledError:
+            gone.set()
+            await call  # the app cancels the request's queued or running work, then returns
+            raise
+        return ForwardedAnswer(start["status"], list(start["headers"]), b"".join(chunks))
+
+
+class Ingress:
+    """Ray Serve's HTTP entry: every request goes to a replica through a DeploymentHandle, so
+    a replica that dies under a request is Ray's RayActorError here, answered 503."""
+
+    def __init__(self, replicas: DeploymentHandle) -> None:
+        self.replicas = replicas.options(method_name="forward")
+
+    async def __call__(self, request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:  # the replica's GenerateGate answers 413 for it
+                break
+        scope = {key: request.scope[key] for key in FORWARDED_SCOPE if key in request.scope}
+        try:
+            answer: ForwardedAnswer = await self.replicas.remote(ForwardedRequest(scope, body))
+        except (RayActorError, DeploymentUnavailableError) as err:
+            logger.warning("a replica was lost under a request: %s", error_line(err))
+            return JSONResponse(
+                {"detail": "the replica serving this request was lost: retry"},
+                status_code=503,
+                headers={"Retry-After": str(REPLICA_LOST_RETRY_AFTER)},
+            )
+        response = Response(answer.body, status_code=answer.status)
+        response.raw_headers = answer.headers  # the app's own, content-length among them
+        return response
+
 
 def _tuned_first(inner: Any, worker: Worker) -> Any:
     """The app's lifespan (it starts the worker, and drains it on shutdown), entered under the
@@ -145,38 +255,60 @@ def _tuned_first(inner: Any, worker: Worker) -> Any:
 
 def deployment_options(
     settings: WorkerSettings, replicas: int | None, gpus: float
-) -> dict[str, Any]:
-    """serve.deployment's options: ``replicas`` of them, or Ray Serve's autoscaling (None); one
-    GPU a replica where the cluster has GPUs, else one CPU (PyTorch's threads are no Ray
-    resource: the CPU only spreads the replicas over the nodes' cores)."""
-    options: dict[str, Any] = {
-        "name": "autoquant",
-        "ray_actor_options": {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1},
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """serve.deployment's options for the replicas and for the ingress: ``replicas`` of each,
+    or Ray Serve's autoscaling (None). One GPU a replica where the cluster has GPUs, else one
+    CPU (PyTorch's threads are no Ray resource: the CPU only spreads the replicas over the
+    nodes' cores); the ingress only passes requests on and asks for no CPU."""
+    common: dict[str, Any] = {
         # The Worker's queue refuses (503) past queue_size; Ray's own limit lets it fill.
         "max_ongoing_requests": settings.queue_size + settings.max_batch,
-        "health_check_period_s": HEALTH_CHECK_SECONDS,
-        "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         # A replica taken down drains its queue first (the lifespan's shutdown), as
         # `autoquant serve` does on SIGTERM; requests are bounded by --max-request-seconds.
+        # The ingress waits as long, for the answers it still forwards.
         "graceful_shutdown_timeout_s": settings.max_request_seconds + 10,
     }
     if replicas is None:
         # A replica with a full batch queued is as busy as it should be: one more request
         # waits a whole call, so Ray Serve adds a replica past that.
-        options["num_replicas"] = "auto"
-        options["autoscaling_config"] = {"target_ongoing_requests": settings.max_batch}
+        common["num_replicas"] = "auto"
+        common["autoscaling_config"] = {"target_ongoing_requests": settings.max_batch}
     else:
-        options["num_replicas"] = replicas
-    return options
+        common["num_replicas"] = replicas
+    model = common | {
+        "name": REPLICAS_DEPLOYMENT,
+        "ray_actor_options": {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1},
+        "health_check_period_s": HEALTH_CHECK_SECONDS,
+        "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+    }
+    ingress = common | {"name": INGRESS_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0}}
+    return model, ingress
 
 
 def application(
-    options: TuneOptions, settings: WorkerSettings, limits: SizeLimits, replicas: int | None
+    options: TuneOptions,
+    settings: WorkerSettings,
+    limits: SizeLimits,
+    replicas: int | None,
+    replica_class: type[AutoquantReplica] = AutoquantReplica,
 ) -> Any:
-    """The bound Ray Serve application (for serve.run), for the cluster ray.init() joined."""
+    """The bound Ray Serve application (for serve.run), for the cluster ray.init() joined.
+    ``replica_class``: AutoquantReplica, or a subclass of it (tests/test_ray.py's replica whose
+    worker can be made to die)."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    deploy = serve.deployment(**deployment_options(settings, replicas, gpus))
-    return deploy(serve.ingress()(AutoquantReplica)).bind(options, settings, limits)
+    model_options, ingress_options = deployment_options(settings, replicas, gpus)
+    replica = serve.deployment(**model_options)(serve.ingress()(replica_class))
+    return serve.deployment(**ingress_options)(Ingress).bind(
+        replica.bind(options, settings, limits)
+    )
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived: stop serving."""
+
+
+def _raise_stop(sig: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(sig).name)
 
 
 def run(
@@ -191,8 +323,17 @@ def run(
 ) -> int:
     """Join the cluster at ``address`` (None: start one on this machine), deploy, and serve
     until SIGTERM/SIGINT; then take the application down, its replicas draining their queues.
-    A deployment whose replicas cannot start (tuning fails) raises AutoquantError."""
+    A deployment whose replicas cannot start (tuning fails) raises AutoquantError.
+
+    The handlers go in as soon as ray.init() returns: it installs abseil's failure signal
+    handler for SIGTERM, which prints a stack, arms a 3 s SIGALRM that aborts the process
+    (exit 134), then chains to Ray's own Python handler (sys.exit). A SIGTERM while the
+    replicas tuned therefore ended in an abort once the teardown it started ran past 3 s
+    (ray-project/ray#64830). Python's handler replaces abseil's; it raises, so that a signal
+    during the deployment (serve.run waits for the replicas to tune) stops it too."""
     ray.init(address=address, logging_level=logging.WARNING)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
@@ -201,22 +342,22 @@ def run(
             )
         except RuntimeError as err:  # Ray's deployment failure, with the replicas' errors
             raise AutoquantError(f"the Ray Serve deployment failed: {error_line(err)}") from None
+        deployed = True
         logger.info("serving on http://%s:%d through Ray Serve", host, port)
-        stop = threading.Event()
-        previous = {
-            sig: signal.signal(sig, lambda _sig, _frame: stop.set())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            while not stop.wait(1.0):  # a timeout, so that signals are handled meanwhile
-                pass
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        logger.info("stopping: the replicas drain their queues")
-        serve.delete(APP_NAME)
+        while True:
+            signal.pause()
+    except _Stop as stop:
+        logger.info("%s: stopping; the replicas drain their queues", stop)
         return 0
     finally:
-        if address is None:  # the cluster is this process's own
-            serve.shutdown()
-        ray.shutdown()
+        # A second signal during the drain gets Ray's handlers back: SIGTERM exits at once
+        # (sys.exit), SIGINT raises KeyboardInterrupt; the cluster is stopped either way.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            if deployed or address is not None:
+                serve.delete(APP_NAME)
+        finally:
+            if address is None:  # the cluster is this process's own
+                serve.shutdown()
+            ray.shutdown()
