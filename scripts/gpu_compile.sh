@@ -15,10 +15,14 @@
 #               torchao float8 row-wise compiled (with its fidelity against bf16)
 #   serve       scripts/loadtest.py on SDXL, 20 steps, concurrency 1/4/16, `serve --compile`
 #               never against always, with /metrics' recompile counts
+# GPU_SERVE_COMPILE (default "never always") orders serve's runs.
 # GPU_COMPILE_SECONDS (default 560) bounds the call: a suite that would start after it is
 # skipped, and each bench gets the time left (its pending tiers are listed in its report).
 #
-# On the lent GPU (device tool), carrying .whl (../shared/device/fetch-wheels.sh says how).
+# On the lent GPU (device tool), carrying .whl (../shared/device/fetch-wheels.sh says how). The
+# serve suite also needs the serve extra, which the image lacks: fetch-wheels.sh fastapi==0.165.0
+# starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
+# typing-inspection==0.4.5 (httpx, anyio, h11 and click are there).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_compile.sh OUT_DIR SUITE...}
 shift
@@ -74,7 +78,7 @@ for suite in "$@"; do
         --tiers none:bf16,none:bf16+compile,torchao:float8+compile ;;
     serve)
       materialize builtin:sdxl
-      for compile in never always; do
+      for compile in ${GPU_SERVE_COMPILE:-never always}; do
         step "loadtest, serve --compile $compile"
         timeout -k 5 "$(left)" python3 scripts/loadtest.py --spawn --batching on --steps 20 \
           --requests 16 --concurrency 1,4,16 --time-limit 60 --ready-timeout 400 --server-args \
