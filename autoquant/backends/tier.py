@@ -66,6 +66,9 @@ class Tier:
     # The denoiser compiled (execute/compile.py: its repeated blocks where its class declares
     # them, else whole); resident tiers only (planner/plan.py says why).
     compiled: bool = False
+    # The denoiser's first-block cache threshold (models/step_cache.py); None: every step runs
+    # in full. Lossy, opt-in only (planner.cache).
+    first_block_cache: float | None = None
 
     @property
     def label(self) -> str:
@@ -77,6 +80,8 @@ class Tier:
             extras.append("text encoders quantized")
         extras.extend(o.replace("_", " ") for o in self.memory_options)
         extras += ["compiled"] if self.compiled else []
+        if self.first_block_cache is not None:
+            extras.append(f"first-block cache {self.first_block_cache:g}")
         return text + (f" ({', '.join(extras)})" if extras else "")
 
     @property
@@ -136,6 +141,7 @@ class Tier:
             if encoders
             else None,
             bool(data.get("compiled", False)),  # absent in records written before it existed
+            data.get("first_block_cache"),  # likewise
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +153,7 @@ class Tier:
             "memory_options": list(self.memory_options),
             "encoders": self.encoders.to_dict() if self.encoders else None,
             "compiled": self.compiled,
+            "first_block_cache": self.first_block_cache,
         }
 
 

@@ -25,14 +25,17 @@ COMPILE = "compile"  # "+compile": the denoiser runs under torch.compile, as its
 # "+compile=SCOPE[:MODE]": compiled another way than the calibration's (execute/compile.py SCOPES,
 # MODES), to measure which wins
 COMPILE_AS = "compile="
+# "+first_block_cache[=THRESHOLD]": diffusers' first-block cache on the denoiser (lossy; the
+# threshold defaults to planner.cache_threshold's)
+FIRST_BLOCK_CACHE = "first_block_cache"
 _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 
 
 @dataclass(frozen=True)
 class TierSpec:
     """One tier of the sweep as written on the command line: ``backend:precision[+extra...]``,
-    each extra a memory option, ``te``, ``te=backend:precision``, ``compile`` or
-    ``compile=SCOPE[:MODE]``."""
+    each extra a memory option, ``te``, ``te=backend:precision``, ``compile``,
+    ``compile=SCOPE[:MODE]`` or ``first_block_cache[=THRESHOLD]``."""
 
     backend: str
     precision: str
@@ -41,6 +44,7 @@ class TierSpec:
     compile: bool = False
     encoders: str | None = None  # "backend:precision" of text encoders another backend quantizes
     compile_as: str | None = None  # "SCOPE:MODE" where +compile=… overrides the calibration's
+    first_block_cache: float | None = None  # the cache's threshold; None: no step cache
 
     @classmethod
     def parse(cls, text: str) -> TierSpec:
@@ -52,13 +56,16 @@ class TierSpec:
             validate_tier_name(backend, precision)
         except ValueError as err:
             raise AutoquantError(f"tier {text!r}: {err}") from None
-        known = (TEXT_ENCODERS, COMPILE, *MEMORY_OPTIONS)
+        known = (TEXT_ENCODERS, COMPILE, FIRST_BLOCK_CACHE, *MEMORY_OPTIONS)
         mixed = [e.removeprefix(MIXED_TEXT_ENCODERS) for e in extras if e.startswith("te=")]
         compile_as = [_compile_as(text, e) for e in extras if e.startswith(COMPILE_AS)]
+        cached = [_threshold(text, e) for e in extras if e.partition("=")[0] == FIRST_BLOCK_CACHE]
         unknown = [
             e
             for e in extras
-            if e not in known and not e.startswith((MIXED_TEXT_ENCODERS, COMPILE_AS))
+            if e not in known
+            and not e.startswith((MIXED_TEXT_ENCODERS, COMPILE_AS))
+            and e.partition("=")[0] != FIRST_BLOCK_CACHE
         ]
         if unknown:
             raise AutoquantError(
@@ -88,6 +95,13 @@ class TierSpec:
             raise AutoquantError(f"tier {text!r}: give the text encoders one format")
         if len(compile_as) + (COMPILE in extras) > 1:
             raise AutoquantError(f"tier {text!r}: compile it one way")
+        if len(cached) > 1:
+            raise AutoquantError(f"tier {text!r}: give the first-block cache one threshold")
+        if cached and (compile_as or COMPILE in extras):
+            raise AutoquantError(
+                f"tier {text!r}: a first-block cache is not compiled (torch.compile(fullgraph="
+                "True) cannot trace its skip test); drop +compile or the cache"
+            )
         if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
         return cls(
@@ -98,6 +112,7 @@ class TierSpec:
             compile=COMPILE in extras or bool(compile_as),
             encoders=mixed[0] if mixed else None,
             compile_as=compile_as[0] if compile_as else None,
+            first_block_cache=cached[0] if cached else None,
         )
 
     @property
@@ -114,6 +129,7 @@ class TierSpec:
             memory_options=tier.memory_options,
             compile=tier.compiled,
             encoders=tier.encoders.name if tier.encoders else None,
+            first_block_cache=tier.first_block_cache,
         )
 
     @property
@@ -124,6 +140,8 @@ class TierSpec:
         extras += list(self.memory_options)
         if self.compile:
             extras += [COMPILE_AS + self.compile_as if self.compile_as else COMPILE]
+        if self.first_block_cache is not None:
+            extras.append(f"{FIRST_BLOCK_CACHE}={self.first_block_cache:g}")
         return f"{self.backend}:{self.precision}" + "".join(f"+{e}" for e in extras)
 
     @property
@@ -163,6 +181,7 @@ class TierSpec:
                 self.memory_options,
                 encoders,
                 self.compile,
+                self.first_block_cache,
             )
         components: tuple[str, ...] = (inventory.denoiser.name,)
         if self.text_encoders:
@@ -175,7 +194,27 @@ class TierSpec:
             self.memory_options,
             encoders,
             self.compile,
+            self.first_block_cache,
         )
+
+
+def _threshold(text: str, extra: str) -> float:
+    """``first_block_cache[=THRESHOLD]`` → the threshold, planner.cache_threshold's by default,
+    in its range."""
+    from autoquant.planner.rules import CACHE_THRESHOLD, load_settings
+
+    _, sep, value = extra.partition("=")
+    if not sep:
+        return float(load_settings()["planner"]["cache_threshold"])
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = float("nan")
+    if not CACHE_THRESHOLD.contains(threshold):
+        raise AutoquantError(
+            f"tier {text!r}: +first_block_cache=THRESHOLD takes {CACHE_THRESHOLD.describe()}"
+        )
+    return threshold
 
 
 def _compile_as(text: str, extra: str) -> str:

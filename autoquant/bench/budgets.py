@@ -165,7 +165,9 @@ def _compare(
     measured: dict[str, Any], fitting: list[dict[str, Any]], compile_weight: float
 ) -> dict[str, Any]:
     """The plan's tier against the fastest fitting tier of its fidelity class or a better one
-    whose generation ran as many steps, compiled tiers at their compile's share."""
+    whose generation ran as many steps, compiled tiers at their compile's share. Tiers with a
+    first-block cache lose more than their class says: they are compared only with the plan's
+    tier when it has one too (planner.cache asked for it)."""
     latency = _latency(measured, compile_weight)
     out: dict[str, Any] = {
         "plan_measured_as": measured["spec"],
@@ -181,6 +183,7 @@ def _compare(
         if (t := _latency(r, compile_weight)) is not None
         and _rank(r) <= _rank(measured)
         and r["request"]["steps"] == measured["request"]["steps"]
+        and (record_tier(r).first_block_cache is None or record_tier(measured).first_block_cache)
     }
     if timed:
         best = min(timed, key=timed.__getitem__)

@@ -49,6 +49,7 @@ from autoquant.cli.args import positive_int, width_height
 from autoquant.core.console import progress_log
 from autoquant.core.errors import AutoquantError
 from autoquant.core.fsutil import write_text_atomic
+from autoquant.models.step_cache import first_block_cache_refusal
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import CUDA_CONTEXT_BYTES, Request
 from autoquant.planner.fidelity import fidelity_class
@@ -275,8 +276,15 @@ def _prepare(args: argparse.Namespace) -> _Sweep:
     specs = selected_tiers(
         args.tiers, profile=profile, inventory=inventory, request=request, budgets=budgets
     )
-    if args.compile:
-        specs = [dataclasses.replace(s, compile=True) for s in specs]
+    if any(s.first_block_cache is not None for s in specs):
+        refusal = first_block_cache_refusal(inventory)
+        if refusal:
+            raise AutoquantError(refusal.replace("--cache first-block", "+first_block_cache"))
+    if args.compile:  # a cached tier stays eager: it cannot be compiled (TierSpec.parse)
+        specs = [
+            dataclasses.replace(s, compile=True) if s.first_block_cache is None else s
+            for s in specs
+        ]
     return _Sweep(
         args=args,
         profile=profile,

@@ -81,6 +81,8 @@ def _tier_cell(record: dict[str, Any]) -> str:
     notes = ["reference"] if record.get("reference") else []
     if record.get("compile_seconds") is not None:
         notes.append(f"compile {record['compile_seconds']:.0f} s")
+    if cache := record.get("first_block_cache"):
+        notes.append(f"{cache['full_forwards']} of {cache['forwards']} forwards in full")
     return f"`{record['spec']}`" + (f" ({', '.join(notes)})" if notes else "")
 
 

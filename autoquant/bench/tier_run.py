@@ -10,7 +10,9 @@ Steps, in order:
 2. a 2-step generation that records the denoiser's first call — its real inputs at the request's
    latent size and batch, CFG doubling included — and warms everything up;
 3. with +compile, the denoiser is compiled now, as the executor compiles it
-   (execute/compile.py; its first call is timed as compile time);
+   (execute/compile.py; its first call is timed as compile time); a +first_block_cache tier's
+   direct forwards (4, 6) run without its cache, its timed generation (5) with it, counting the
+   steps that ran in full;
 4. --repeats denoiser forwards on the recorded inputs, after two warm-up forwards (then every
    component goes back where a pipeline call leaves it: with model offload, off the GPU);
 5. the timed generation: end-to-end seconds, peak memory, the image;
@@ -28,7 +30,8 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -186,6 +189,44 @@ def time_forwards(
     return samples, first
 
 
+@dataclass
+class ForwardCounts:
+    forwards: int = 0  # the denoiser's forwards
+    full: int = 0  # those that ran its last block (a first-block cache skips it)
+
+
+@contextmanager
+def full_forwards(denoiser: Any) -> Iterator[ForwardCounts]:
+    """Count the denoiser's forwards, and those that reached its last block, while active. The
+    last block is the last of the denoiser's last block list (the first-block cache's tail:
+    diffusers hooks/first_block_cache.py takes the blocks in child order); it ran when any of its
+    layers did. A denoiser without a block list counts every forward as full."""
+    from torch import nn
+
+    counts = ForwardCounts()
+    lists = [m for m in denoiser.children() if isinstance(m, nn.ModuleList) and len(m)]
+    layers = [m for m in lists[-1][-1].modules() if isinstance(m, nn.Linear)] if lists else []
+    marked = [0]  # the forward whose full run was last counted
+
+    def on_forward(*_: Any) -> None:
+        counts.forwards += 1
+        if not layers:
+            counts.full += 1
+
+    def on_layer(*_: Any) -> None:
+        if marked[0] != counts.forwards:
+            marked[0] = counts.forwards
+            counts.full += 1
+
+    hooks = [denoiser.register_forward_pre_hook(on_forward)]
+    hooks += [layers[0].register_forward_pre_hook(on_layer)] if layers else []
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def latency_summary(samples_ms: Sequence[float]) -> dict[str, Any]:
     q1, median, q3 = (float(v) for v in np.percentile(samples_ms, [25, 50, 75]))
     return {
@@ -312,6 +353,9 @@ class _TierRun:
             "peak_bytes": None,
             "latency_ms": None,
             "e2e_seconds": None,
+            # With +first_block_cache: its threshold, and the timed generation's forwards and
+            # those that ran in full.
+            "first_block_cache": None,
             "denoiser_file": None,
             "denoiser_file_bytes": None,
             "estimate": self.estimate.to_dict(),
@@ -427,6 +471,24 @@ class _TierRun:
         with torch.no_grad():
             return self.denoiser(*args, **kwargs)
 
+    @contextmanager
+    def _every_block(self) -> Iterator[None]:
+        """The denoiser without its first-block cache while it is called directly (the timed
+        forwards, the fidelity forward): outside a pipeline call there is no cache context, and
+        the step time is the format's full forward. What the cache saves is in the timed
+        generation."""
+        from autoquant.execute.build import enable_first_block_cache
+
+        threshold = self.tier.first_block_cache
+        if threshold is None:
+            yield
+            return
+        self.denoiser.disable_cache()
+        try:
+            yield
+        finally:
+            enable_first_block_cache(self.pipe, self.inventory, threshold)
+
     def time_denoiser(self) -> None:
         assert self.call is not None
         if self.options.spec.compile:
@@ -440,9 +502,10 @@ class _TierRun:
             scope, mode = self.options.spec.compile_scope_mode or (figure.scope, figure.mode)
             self.record["compiled_how"] = compile_denoiser(self.denoiser, scope=scope, mode=mode)
         own = self.call
-        samples, first = time_forwards(
-            lambda: self._forward(own), self.device, self.options.repeats
-        )
+        with self._every_block():
+            samples, first = time_forwards(
+                lambda: self._forward(own), self.device, self.options.repeats
+            )
         self.record["latency_ms"] = latency_summary(samples)
         if self.options.spec.compile:
             self.record["compile_seconds"] = first
@@ -453,8 +516,15 @@ class _TierRun:
 
     def timed_generation(self) -> None:
         started = time.perf_counter()
-        self.image = self._generate(self.request.steps)
+        with full_forwards(self.denoiser) as counts:
+            self.image = self._generate(self.request.steps)
         self.record["e2e_seconds"] = time.perf_counter() - started
+        if self.tier.first_block_cache is not None:
+            self.record["first_block_cache"] = {
+                "threshold": self.tier.first_block_cache,
+                "forwards": counts.forwards,
+                "full_forwards": counts.full,
+            }
         self.record["peak_bytes"] = memory.peak(self.device)
         self.record["estimate_error_pct"] = estimate_error_pct(
             self.estimate, self.record, on_cuda=self.device == "cuda"
@@ -478,7 +548,8 @@ class _TierRun:
             from safetensors.torch import load_file, save
 
             inputs = DenoiserCall.load(reference_dir).shaped_like(self.call)
-            output = _first_output(self._forward(inputs)).float().cpu()
+            with self._every_block():
+                output = _first_output(self._forward(inputs)).float().cpu()
             if self.options.reference:
                 with atomic_file(reference_dir / "denoiser_output.safetensors") as handle:
                     handle.write(save({"output": output.contiguous()}))

@@ -12,8 +12,10 @@ from autoquant.backends import backend_classes, backend_names
 from autoquant.core.units import parse_size
 from autoquant.execute.lora import LoraFile, parse_lora
 from autoquant.execute.tuning import DEFAULT_MODEL, TuneOptions
+from autoquant.models.step_cache import STEP_CACHES
 from autoquant.planner.rules import (
     BATCH,
+    CACHE_THRESHOLD,
     COMPILE_MODES,
     GUIDANCE_SCALE,
     OBJECTIVES,
@@ -128,6 +130,21 @@ def add_tier_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         "CUDA or the CPU); never compiles none. A compile cache is kept per tier, so the next "
         "process compiles warm",
     )
+    p.add_argument(
+        "--cache",
+        choices=STEP_CACHES,
+        help="step caching (planner.cache; default none). first-block: diffusers' first-block "
+        "cache, skipping the denoiser's later blocks while its first block's output barely "
+        "changes between steps. Lossy (its fidelity: docs/benchmarks.md), opt-in, transformer "
+        "denoisers only (Flux), never compiled",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=cache_threshold,
+        metavar="T",
+        help="the first-block cache's threshold (planner.cache_threshold; default 0.05): the "
+        "relative change of the first block's output below which a step skips the rest",
+    )
 
 
 # `--cpu-offload` as diffusers-cli run spells it → the placement every plan must have.
@@ -198,6 +215,8 @@ def options_from_args(args: argparse.Namespace, **extra: Any) -> TuneOptions:
         optimize=args.optimize,
         compute_dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
         compile=args.compile,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         memory_options=memory_options_from_args(args),
         gguf=args.gguf,
         device=args.device,
@@ -265,15 +284,23 @@ batch_size = whole_number(BATCH)
 generator_seed = whole_number(Range(0, MAX_SEED, step=1))
 
 
-def guidance_scale(text: str) -> float:
-    """An argument type: a guidance scale in GUIDANCE_SCALE."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not GUIDANCE_SCALE.contains(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be {GUIDANCE_SCALE.describe()}")
-    return value
+def real_number(valid: Range) -> Callable[[str], float]:
+    """An argument type: a number in ``valid`` (the range of the setting it stands for)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not valid.contains(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {valid.describe()}")
+        return value
+
+    return parse
+
+
+guidance_scale = real_number(GUIDANCE_SCALE)
+cache_threshold = real_number(CACHE_THRESHOLD)
 
 
 def quiet_libraries() -> None:

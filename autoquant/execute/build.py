@@ -89,6 +89,15 @@ def enable_group_offload(pipe: Any, onload_device: Any, *, streams: bool) -> Non
             )
 
 
+def enable_first_block_cache(pipe: Any, inventory: ModelInventory, threshold: float) -> None:
+    """diffusers' first-block cache on the denoiser (models/step_cache.py). Its state lives per
+    pipeline call: the pipeline sets the cache context at each step and resets it when the call
+    ends (maybe_free_model_hooks), so one call's residuals never leak into the next."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    getattr(pipe, inventory.denoiser.name).enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
 def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
     """Turn on the tier's memory options and put the pipeline on its device."""
     turn_on(pipe, planned.tier.memory_options, device)
@@ -126,8 +135,8 @@ def build_tier(
     taken apart and put back by diffusers' loader. ``variant``: the weights variant asked for
     (None: the one the folder ships instead of standard weights, if any). ``gguf_file``: the
     user's GGUF file of the denoiser (--gguf), which a gguf tier loads instead of converting.
-    A compiled tier's denoiser is compiled last, on its device (its first call then compiles:
-    execute/compile.py)."""
+    A tier with a first-block cache gets it after its memory options; a compiled tier's denoiser
+    is compiled last, on its device (its first call then compiles: execute/compile.py)."""
     from autoquant.models.variant import weights_variant
 
     backend = get_backend(planned.tier.backend)
@@ -146,6 +155,8 @@ def build_tier(
     backend.post_process(pipe, request)
     apply_lora(pipe, lora, planned.tier, planned.label)
     apply_memory_options(pipe, planned, device)
+    if planned.tier.first_block_cache is not None:
+        enable_first_block_cache(pipe, inventory, planned.tier.first_block_cache)
     if planned.tier.compiled:
         figure = compile_figure(
             inventory, planned.tier, on_gpu=device.startswith("cuda"), nearest=True

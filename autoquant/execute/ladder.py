@@ -94,19 +94,12 @@ class Result:
         estimate = self.chosen.estimate
         allocator_peak = max(estimate.peak_bytes, estimate.load_peak_bytes)
         in_allocator = self.plan.device.startswith("cuda")
-        encoders = self.chosen.tier.encoders
         return {
             "model": self.plan.model,
             "variant": self.variant,
             "chosen": {
-                "backend": self.chosen.tier.backend,
-                "precision": self.chosen.tier.precision,
+                **self.chosen.tier.to_dict(),
                 "label": self.chosen.label,
-                "compute_dtype": self.chosen.tier.compute_dtype,
-                "components": list(self.chosen.tier.quantized_components),
-                "memory_options": list(self.chosen.tier.memory_options),
-                "encoders": encoders.to_dict() if encoders else None,
-                "compiled": self.chosen.tier.compiled,
                 "device_map": self.chosen.device_map,
                 "description": "; ".join(
                     get_backend(part.backend).describe(part) for part in self.chosen.tier.parts
@@ -315,6 +308,12 @@ def execute(
             for part in planned.tier.parts:
                 warnings.extend(
                     w for w in get_backend(part.backend).warnings() if w not in warnings
+                )
+            if planned.tier.first_block_cache is not None:
+                warnings.append(
+                    f"first-block cache {planned.tier.first_block_cache:g} on: lossy beyond the "
+                    f"{planned.fidelity} class of its format, and not in the predicted seconds "
+                    "(its measured cost: docs/benchmarks.md)"
                 )
             compiled = (
                 f", compiled in {attempt.compile_seconds:.1f} s"

@@ -37,6 +37,8 @@ class TuneOptions:
     compute_dtype: str | None = None  # planner.compute_dtype: auto | bf16 | fp16 | fp32
     compile: str | None = None  # planner.compile: auto | always | never
     expected_images: int | None = None  # planner.expected_images (`serve`: its own figure)
+    cache: str | None = None  # planner.cache: none | first-block (lossy, opt-in)
+    cache_threshold: float | None = None  # planner.cache_threshold
     # Memory options every plan must have, added to force.memory_options (`--cpu-offload`,
     # `--vae-tiling`, `--vae-slicing`).
     memory_options: tuple[str, ...] = ()
@@ -85,7 +87,13 @@ def settings_for(options: TuneOptions) -> dict[str, Any]:
         overrides.append(f"planner.compile={options.compile}")
     if options.expected_images:
         overrides.append(f"planner.expected_images={options.expected_images}")
+    if options.cache:
+        overrides.append(f"planner.cache={options.cache}")
+    if options.cache_threshold is not None:
+        overrides.append(f"planner.cache_threshold={options.cache_threshold!r}")
     settings = load_settings(options.profiles, overrides)
+    if options.cache_threshold is not None and settings["planner"]["cache"] == "none":
+        raise AutoquantError("--cache-threshold needs --cache first-block (planner.cache)")
     required = settings["force"]["memory_options"]
     required += [o for o in options.memory_options if o not in required]
     if weights is not None:

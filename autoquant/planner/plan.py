@@ -12,6 +12,7 @@ from autoquant.backends import UNQUANTIZED, backend_class
 from autoquant.backends.tier import GROUP_OFFLOAD_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes
+from autoquant.models.step_cache import first_block_cache_refusal
 from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, component_format, estimate
 from autoquant.planner.facts import machine_facts
@@ -145,8 +146,15 @@ class _Context:
         return str(self.settings["planner"]["optimize"])
 
     @property
+    def step_cache(self) -> float | None:
+        """The first-block cache's threshold every plan gets (planner.cache), or None."""
+        planner = self.settings["planner"]
+        return float(planner["cache_threshold"]) if planner["cache"] == "first-block" else None
+
+    @property
     def compile_mode(self) -> str:
-        return str(self.settings["planner"]["compile"])
+        # A cached denoiser is not compiled: _check_step_cache says why.
+        return "never" if self.step_cache is not None else str(self.settings["planner"]["compile"])
 
     @property
     def compile_generations(self) -> int:
@@ -755,6 +763,31 @@ def _card_ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
     return tuple(ladder)
 
 
+def _check_step_cache(ctx: _Context) -> None:
+    """planner.cache first-block: only on a denoiser diffusers can cache, and never compiled:
+    torch.compile(fullgraph=True) stops at the cache's skip test, a torch.compiler.disable'd
+    function (FBCHeadBlockHook._should_compute_remaining_blocks, diffusers 0.42.1: "Skip inlining
+    `torch.compiler.disable()`d function", builtin:tiny-flux on the CPU)."""
+    if ctx.step_cache is None:
+        return
+    refusal = first_block_cache_refusal(ctx.inventory)
+    if refusal:
+        raise AutoquantError(refusal)
+    if ctx.settings["planner"]["compile"] == "always":
+        raise AutoquantError(
+            "--cache first-block cannot be compiled (torch.compile(fullgraph=True) cannot trace "
+            "the cache's skip test): drop --compile always, or the cache"
+        )
+    ctx.path.append(
+        f"step cache: first-block, threshold {ctx.step_cache:g}, on every plan (lossy, opt-in; "
+        "not priced: the steps it skips depend on the weights and the prompt); nothing compiled"
+    )
+
+
+def _with_step_cache(ctx: _Context, planned: PlannedTier) -> PlannedTier:
+    return replace(planned, tier=replace(planned.tier, first_block_cache=ctx.step_cache))
+
+
 def _as_inventory(model: str | ModelSource | ModelInventory) -> ModelInventory:
     if isinstance(model, ModelInventory):
         return model
@@ -794,6 +827,7 @@ def plan(
         path=[],
         warm_compiles=warm_compiles,
     )
+    _check_step_cache(ctx)
     where = "GPU free memory" if ctx.on_gpu else "available RAM"
     ctx.path.append(
         f"budget: {where} × headroom {headroom:g} = {format_bytes(ctx.budget)}; compute dtype "
@@ -812,6 +846,11 @@ def plan(
         priced = _priced(ctx)
         chosen = _forced(ctx) if settings["force"]["backend"] else _timed_choice(ctx, priced)
         ladder = _timed_ladder(ctx, chosen, priced)
+    if ctx.step_cache is not None:
+        chosen, ladder = (
+            _with_step_cache(ctx, chosen),
+            tuple(_with_step_cache(ctx, p) for p in ladder),
+        )
     gpu = profile.primary_gpu
     device = profile.accelerator if profile.has_gpu else "cpu"
     if device == "rocm":

@@ -21,6 +21,7 @@ from autoquant.backends.tier import COMPUTE_DTYPES, MEMORY_OPTIONS
 from autoquant.core.errors import AutoquantError, ConfigError
 from autoquant.core.paths import profiles_dir
 from autoquant.core.units import parse_size
+from autoquant.models.step_cache import STEP_CACHES
 from autoquant.planner.facts import FACTS
 
 # Keys whose default is null (or a list) and the types they accept when set.
@@ -43,6 +44,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "planner.optimize": OBJECTIVES,
     "planner.compute_dtype": ("auto", *COMPUTE_DTYPES),
     "planner.compile": COMPILE_MODES,
+    "planner.cache": STEP_CACHES,
     "hardware.device": ("cuda", "cpu", "mps"),
     "priorities.quality": ("balanced", "quality_first"),
     "priorities.deployment": ("production", "development"),
@@ -101,6 +103,8 @@ BATCH = Range(1, 1024, step=1)
 # Classifier-free guidance: 0 turns it off; past 30 every family's images are burnt out.
 GUIDANCE_SCALE = Range(0, 30)
 EXPECTED_IMAGES = Range(1, 1_000_000, step=1)
+# The first-block cache's threshold: a relative change of the first block's residual.
+CACHE_THRESHOLD = Range(0, 1, above_low=True)
 # Every numeric key of profiles/default.yaml; "section.*" covers each key of a section.
 RANGES: dict[str, Range] = {
     "planner.headroom": Range(0, 1, above_low=True),  # a fraction of free memory
@@ -108,6 +112,7 @@ RANGES: dict[str, Range] = {
     "planner.ladder_length": Range(1, 100, step=1),
     # Images a compile is amortized over: past a million, any compile the model prices is free.
     "planner.expected_images": EXPECTED_IMAGES,
+    "planner.cache_threshold": CACHE_THRESHOLD,
     "thresholds.*": Range(0, 100_000),  # GB of a card's memory
     "request.width": SIDE,
     "request.height": SIDE,
