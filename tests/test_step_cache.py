@@ -4,9 +4,11 @@ that it really skips steps on builtin:tiny-flux (counted by the bench's full_for
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -72,15 +74,18 @@ def test_the_planner_refuses_what_the_cache_cannot_do(
         (["--cache", "later"], "invalid choice"),
     ],
 )
-def test_bad_cache_flags_are_one_line_and_exit_2(args: list[str], expected: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "autoquant", "plan", "-m", "builtin:tiny-flux", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+def test_bad_cache_flags_are_one_line_and_exit_2(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autoquant.cli.main import main
+
+    try:
+        code = main(["plan", "-m", "builtin:tiny-flux", *args])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and len(err.strip().splitlines()) == 1
 
 
 def test_tier_and_spec_carry_the_threshold() -> None:
@@ -98,25 +103,21 @@ def test_tier_and_spec_carry_the_threshold() -> None:
             TierSpec.parse(f"none:bf16+{bad}")
 
 
-@pytest.mark.parametrize(("threshold", "skips"), [(None, False), (1.0, True)])
-def test_the_cache_skips_steps_on_tiny_flux(threshold: float | None, skips: bool) -> None:
-    """A threshold of 1 skips every step after the first on random weights (their residual
-    changes by less than itself); without the cache every forward runs in full."""
+def test_the_cache_skips_steps_on_tiny_flux() -> None:
+    """Without the cache every forward runs in full; at threshold 1 every step after the first
+    is skipped on random weights (their residual changes by less than itself). The cache's
+    state is reset after each call, so two calls alike give one image."""
     import torch
 
     import autoquant
+    from autoquant.execute.build import enable_first_block_cache
 
     pipe = autoquant.load(
-        "builtin:tiny-flux",
-        progress=False,
-        use_cache=False,
-        compile="never",
-        oom_guard=False,
-        **({"cache": "first-block", "cache_threshold": threshold} if threshold else {}),
+        "builtin:tiny-flux", progress=False, use_cache=False, compile="never", oom_guard=False
     )
-    assert pipe.autoquant_report["chosen"]["first_block_cache"] == threshold
-    images = []
-    for _ in range(2):  # the cache's state is reset after each call: both calls alike
+    assert pipe.autoquant_report["chosen"]["first_block_cache"] is None
+
+    def generate() -> tuple[np.ndarray, int, int]:
         with full_forwards(pipe.transformer) as counts:
             out = pipe(
                 prompt="a cat",
@@ -127,10 +128,17 @@ def test_the_cache_skips_steps_on_tiny_flux(threshold: float | None, skips: bool
                 generator=torch.Generator().manual_seed(0),
                 output_type="np",
             )
-        images.append(np.asarray(out.images))
-        assert counts.forwards == 6
-        assert counts.full == (1 if skips else 6)
-    np.testing.assert_array_equal(images[0], images[1])
+        return np.asarray(out.images), counts.forwards, counts.full
+
+    full_image, forwards, full = generate()
+    assert (forwards, full) == (6, 6)
+    enable_first_block_cache(pipe, inventory(resolve("builtin:tiny-flux")), 1.0)
+    first, forwards, full = generate()
+    assert (forwards, full) == (6, 1)
+    second, _, full = generate()
+    assert full == 1
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, full_image)
 
 
 def test_the_bench_never_holds_a_cached_tier_against_an_uncached_plan() -> None:
@@ -156,3 +164,32 @@ def test_the_bench_never_holds_a_cached_tier_against_an_uncached_plan() -> None:
     )
     assert row["plan_measured_as"] == "none:bf16"
     assert (row["best"], row["latency_ratio"]) == ("none:bf16", 1.0)
+
+
+def test_run_reports_the_forwards_the_cache_let_run_in_full(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoquant",
+            "run",
+            "-m",
+            "builtin:tiny-flux",
+            "--cache",
+            "first-block",
+            "--cache-threshold",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["generation"]["forwards"], report["generation"]["full_forwards"]) == (4, 1)
+    assert any("first-block cache 1 on: lossy" in w for w in report["warnings"])

@@ -45,6 +45,7 @@ from autoquant.cli.args import quiet_libraries, width_height
 from autoquant.core.errors import error_line
 from autoquant.core.fsutil import atomic_file, write_text_atomic
 from autoquant.execute import memory
+from autoquant.execute.smoke import full_forwards
 from autoquant.planner.estimate import Estimate, Request, estimate
 from autoquant.probe.types import HardwareProfile
 
@@ -187,44 +188,6 @@ def time_forwards(
             _synchronize(device)
             samples.append((time.perf_counter() - started) * 1000)
     return samples, first
-
-
-@dataclass
-class ForwardCounts:
-    forwards: int = 0  # the denoiser's forwards
-    full: int = 0  # those that ran its last block (a first-block cache skips it)
-
-
-@contextmanager
-def full_forwards(denoiser: Any) -> Iterator[ForwardCounts]:
-    """Count the denoiser's forwards, and those that reached its last block, while active. The
-    last block is the last of the denoiser's last block list (the first-block cache's tail:
-    diffusers hooks/first_block_cache.py takes the blocks in child order); it ran when any of its
-    layers did. A denoiser without a block list counts every forward as full."""
-    from torch import nn
-
-    counts = ForwardCounts()
-    lists = [m for m in denoiser.children() if isinstance(m, nn.ModuleList) and len(m)]
-    layers = [m for m in lists[-1][-1].modules() if isinstance(m, nn.Linear)] if lists else []
-    marked = [0]  # the forward whose full run was last counted
-
-    def on_forward(*_: Any) -> None:
-        counts.forwards += 1
-        if not layers:
-            counts.full += 1
-
-    def on_layer(*_: Any) -> None:
-        if marked[0] != counts.forwards:
-            marked[0] = counts.forwards
-            counts.full += 1
-
-    hooks = [denoiser.register_forward_pre_hook(on_forward)]
-    hooks += [layers[0].register_forward_pre_hook(on_layer)] if layers else []
-    try:
-        yield counts
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def latency_summary(samples_ms: Sequence[float]) -> dict[str, Any]:

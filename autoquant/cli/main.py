@@ -264,6 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from autoquant.cli.outputs import write_run
     from autoquant.execute.recover import generate
+    from autoquant.execute.smoke import full_forwards
     from autoquant.execute.tuning import tune
 
     log = progress_log(not args.json)
@@ -277,18 +278,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     log(f"generating {request.width}x{request.height}, {steps} steps …")
     clock = StepClock()
     gen_started = time.perf_counter()
-    output = generate(
-        result,
-        log,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=steps,
-        width=request.width,
-        height=request.height,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        callback_on_step_end=clock,
-        **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
-    )
+    with full_forwards(getattr(result.pipeline, result.inventory.denoiser.name)) as forwards:
+        output = generate(
+            result,
+            log,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=steps,
+            width=request.width,
+            height=request.height,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            callback_on_step_end=clock,
+            **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
+        )
     report = result.report()
     report["tuning_seconds"] = tuned
     report["generation"] = {
@@ -301,6 +303,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance_scale,
         "seconds": time.perf_counter() - gen_started,
         "step_seconds": clock.step_seconds(),
+        # The denoiser's forwards and those that ran every block (a first-block cache skips
+        # the rest); None when a recovery rebuilt the pipeline mid-generation.
+        "forwards": forwards.forwards or None,
+        "full_forwards": forwards.full if forwards.forwards else None,
     }
     paths = write_run(args.out, output.images[0], report)
     report["files"] = {k: str(v) for k, v in paths.items()}
@@ -317,6 +323,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"smoke test {_seconds_per_step(measured['smoke_step_seconds'])}; "
         f"load {measured['load_seconds']:.2f} s"
     )
+    if report["chosen"]["first_block_cache"] is not None and generation["forwards"]:
+        print(
+            f"first-block cache: {generation['full_forwards']} of {generation['forwards']} "
+            "denoiser forwards ran every block"
+        )
     print(
         f"peak ({measured['peak_scope']}, load + smoke test): "
         f"measured {format_bytes(measured['peak_bytes'] or 0)}, "
