@@ -15,6 +15,7 @@ from autoquant.backends import UNQUANTIZED, backend_class, backend_classes, vali
 from autoquant.backends.tier import MEMORY_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.execute.compile import MODES, SCOPES
+from autoquant.models.step_cache import NOT_COMPILED
 from autoquant.models.types import ModelInventory
 from autoquant.probe.types import HardwareProfile
 
@@ -99,8 +100,8 @@ class TierSpec:
             raise AutoquantError(f"tier {text!r}: give the first-block cache one threshold")
         if cached and (compile_as or COMPILE in extras):
             raise AutoquantError(
-                f"tier {text!r}: a first-block cache is not compiled (torch.compile(fullgraph="
-                "True) cannot trace its skip test); drop +compile or the cache"
+                f"tier {text!r}: a first-block cache is not compiled ({NOT_COMPILED}); drop "
+                "+compile or the cache"
             )
         if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
@@ -200,21 +201,19 @@ class TierSpec:
 
 def _threshold(text: str, extra: str) -> float:
     """``first_block_cache[=THRESHOLD]`` → the threshold, planner.cache_threshold's by default,
-    in its range."""
-    from autoquant.planner.rules import CACHE_THRESHOLD, load_settings
+    checked as --cache-threshold is."""
+    from argparse import ArgumentTypeError
+
+    from autoquant.cli.args import cache_threshold
+    from autoquant.planner.rules import load_settings
 
     _, sep, value = extra.partition("=")
     if not sep:
         return float(load_settings()["planner"]["cache_threshold"])
     try:
-        threshold = float(value)
-    except ValueError:
-        threshold = float("nan")
-    if not CACHE_THRESHOLD.contains(threshold):
-        raise AutoquantError(
-            f"tier {text!r}: +first_block_cache=THRESHOLD takes {CACHE_THRESHOLD.describe()}"
-        )
-    return threshold
+        return cache_threshold(value)
+    except ArgumentTypeError as err:
+        raise AutoquantError(f"tier {text!r}: +first_block_cache=THRESHOLD: {err}") from None
 
 
 def _compile_as(text: str, extra: str) -> str:

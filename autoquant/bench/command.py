@@ -277,9 +277,9 @@ def _prepare(args: argparse.Namespace) -> _Sweep:
         args.tiers, profile=profile, inventory=inventory, request=request, budgets=budgets
     )
     if any(s.first_block_cache is not None for s in specs):
-        refusal = first_block_cache_refusal(inventory)
+        refusal = first_block_cache_refusal(inventory, asked_by="+first_block_cache")
         if refusal:
-            raise AutoquantError(refusal.replace("--cache first-block", "+first_block_cache"))
+            raise AutoquantError(refusal)
     if args.compile:  # a cached tier stays eager: it cannot be compiled (TierSpec.parse)
         specs = [
             dataclasses.replace(s, compile=True) if s.first_block_cache is None else s

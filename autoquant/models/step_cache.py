@@ -20,14 +20,24 @@ FIRST_BLOCK_CACHE_DENOISERS = frozenset(
 )
 
 
-def first_block_cache_refusal(inventory: ModelInventory) -> str | None:
-    """Why ``inventory``'s denoiser cannot take a first-block cache, or None when it can."""
+# Why a cached denoiser is never compiled: diffusers 0.42.1's skip test
+# (FBCHeadBlockHook._should_compute_remaining_blocks) is torch.compiler.disable'd, and
+# fullgraph=True stops there ("Skip inlining `torch.compiler.disable()`d function",
+# builtin:tiny-flux on the CPU).
+NOT_COMPILED = "torch.compile(fullgraph=True) cannot trace the cache's skip test"
+
+
+def first_block_cache_refusal(
+    inventory: ModelInventory, asked_by: str = "--cache first-block"
+) -> str | None:
+    """Why ``inventory``'s denoiser cannot take a first-block cache, or None when it can;
+    ``asked_by`` names what asked for it (a flag, a bench extra)."""
     denoiser = inventory.denoiser.class_name
     if denoiser in FIRST_BLOCK_CACHE_DENOISERS:
         return None
     able = ", ".join(sorted(FIRST_BLOCK_CACHE_DENOISERS))
     return (
-        f"--cache first-block: {inventory.source.spec}'s denoiser ({denoiser}) has no "
+        f"{asked_by}: {inventory.source.spec}'s denoiser ({denoiser}) has no "
         f"first-block cache in diffusers; it works on {able} (e.g. builtin:flux-dev, "
         "builtin:tiny-flux)"
     )

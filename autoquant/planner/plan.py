@@ -12,7 +12,7 @@ from autoquant.backends import UNQUANTIZED, backend_class
 from autoquant.backends.tier import GROUP_OFFLOAD_OPTIONS, OFFLOAD_OPTIONS, EncoderFormat, Tier
 from autoquant.core.errors import AutoquantError
 from autoquant.core.units import format_bytes
-from autoquant.models.step_cache import first_block_cache_refusal
+from autoquant.models.step_cache import NOT_COMPILED, first_block_cache_refusal
 from autoquant.models.types import ModelInventory, ModelSource
 from autoquant.planner.estimate import Estimate, Request, component_format, estimate
 from autoquant.planner.facts import machine_facts
@@ -764,10 +764,8 @@ def _card_ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
 
 
 def _check_step_cache(ctx: _Context) -> None:
-    """planner.cache first-block: only on a denoiser diffusers can cache, and never compiled:
-    torch.compile(fullgraph=True) stops at the cache's skip test, a torch.compiler.disable'd
-    function (FBCHeadBlockHook._should_compute_remaining_blocks, diffusers 0.42.1: "Skip inlining
-    `torch.compiler.disable()`d function", builtin:tiny-flux on the CPU)."""
+    """planner.cache first-block: only on a denoiser diffusers can cache, and never compiled
+    (models/step_cache.py NOT_COMPILED)."""
     if ctx.step_cache is None:
         return
     refusal = first_block_cache_refusal(ctx.inventory)
@@ -775,8 +773,8 @@ def _check_step_cache(ctx: _Context) -> None:
         raise AutoquantError(refusal)
     if ctx.settings["planner"]["compile"] == "always":
         raise AutoquantError(
-            "--cache first-block cannot be compiled (torch.compile(fullgraph=True) cannot trace "
-            "the cache's skip test): drop --compile always, or the cache"
+            f"--cache first-block cannot be compiled ({NOT_COMPILED}): drop --compile always, "
+            "or the cache"
         )
     ctx.path.append(
         f"step cache: first-block, threshold {ctx.step_cache:g}, on every plan (lossy, opt-in; "
