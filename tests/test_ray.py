@@ -143,8 +143,10 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(url: str) -> None:
     print(f"\nkilled under load: {kill}")
     # Every request was answered (0 would be a timeout: a hung request). The ones running or
     # queued on the killed replica come back 503 with Retry-After from the ingress (never
-    # Ray's proxy's 500); the rest, and any the router had not yet sent, are served.
-    assert set(kill.statuses) <= {200, 503} and kill.statuses.get(503, 0) >= 1, kill
+    # Ray's proxy's 500); the rest, and any the router had not yet sent, are served. Whether
+    # the killed replica held any at the kill is timing (a fresh-clone CI run saw 16 x 200):
+    # the 503 itself is asserted where a replica's worker dies mid-request (below).
+    assert set(kill.statuses) <= {200, 503}, kill
     assert kill.retry_after == kill.statuses.get(503, 0), kill
     assert kill.statuses.get(200, 0) >= 8, kill  # the survivor's share at least
     assert kill.replacement != kill.killed
