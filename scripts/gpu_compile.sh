@@ -22,7 +22,8 @@
 # On the lent GPU (device tool), carrying .whl (../shared/device/fetch-wheels.sh says how). The
 # serve suite also needs the serve extra, which the image lacks: fetch-wheels.sh fastapi==0.165.0
 # starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
-# typing-inspection==0.4.5 (httpx, anyio, h11 and click are there).
+# typing-inspection==0.4.5 opentelemetry-api==1.45.3 (fastapi 0.165 imports opentelemetry at
+# import time; httpx, anyio, h11, click and annotated-doc are there).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_compile.sh OUT_DIR SUITE...}
 shift

@@ -22,7 +22,7 @@ from autoquant.backends.tier import Tier
 from autoquant.core.errors import ConfigError
 from autoquant.core.paths import profiles_dir
 from autoquant.core.units import GB
-from autoquant.models.types import ModelInventory
+from autoquant.models.types import ComponentInventory, ModelInventory
 from autoquant.planner.estimate import CFG_FAMILIES, Estimate, Request
 from autoquant.probe.gpu_table import GpuSpec, find_gpu, spec_for
 from autoquant.probe.types import CpuInfo, HardwareProfile
@@ -104,13 +104,13 @@ def _step_units(inventory: ModelInventory, request: Request) -> float:
     return float(inventory.denoiser.params) * latent * batch
 
 
+def text_tokens(component: ComponentInventory) -> int:
+    """The tokens a text encoder reads per prompt, as the latency model charges them."""
+    return _TOKENS.get(component.class_name, _T5_TOKENS)
+
+
 def _text_units(inventory: ModelInventory, request: Request) -> float:
-    return float(
-        sum(
-            c.params * _TOKENS.get(c.class_name, _T5_TOKENS) * request.batch
-            for c in inventory.text_encoders
-        )
-    )
+    return float(sum(c.params * text_tokens(c) * request.batch for c in inventory.text_encoders))
 
 
 def _vae_units(inventory: ModelInventory, request: Request) -> float:
