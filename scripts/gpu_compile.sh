@@ -16,6 +16,7 @@
 #   serve       scripts/loadtest.py on SDXL, 20 steps, concurrency 1/4/16, `serve --compile`
 #               never against always, with /metrics' recompile counts
 # GPU_SERVE_COMPILE (default "never always") orders serve's runs.
+# GPU_SERVE_LEVEL_SECONDS (default 60) bounds each concurrency level of a serve run.
 # GPU_COMPILE_SECONDS (default 560) bounds the call: a suite that would start after it is
 # skipped, and each bench gets the time left (its pending tiers are listed in its report).
 #
@@ -81,8 +82,11 @@ for suite in "$@"; do
       materialize builtin:sdxl
       for compile in ${GPU_SERVE_COMPILE:-never always}; do
         step "loadtest, serve --compile $compile"
+        # The server is ready only after compiling and warming up (SDXL compiled on an H100:
+        # 163 s to tune, 227 s to warm up), so it may take all the time left.
         timeout -k 5 "$(left)" python3 scripts/loadtest.py --spawn --batching on --steps 20 \
-          --requests 16 --concurrency 1,4,16 --time-limit 60 --ready-timeout 400 --server-args \
+          --requests 16 --concurrency 1,4,16 --time-limit "${GPU_SERVE_LEVEL_SECONDS:-60}" \
+          --ready-timeout "$(left)" --server-args \
           "--model builtin:sdxl --device cuda --max-batch 4 --compile $compile" \
           > "$out/loadtest-compile-$compile.md" 2>> "$log"
         step "loadtest exited $?"

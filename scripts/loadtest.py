@@ -134,6 +134,8 @@ def measure(url: str, batching: str, args: argparse.Namespace) -> list[Level]:
                     ),
                 )
             )
+            # As it goes, so that a run cut short still tells what it measured.
+            print(f"measured: {json.dumps(asdict(levels[-1]))}", file=sys.stderr, flush=True)
     return levels
 
 
@@ -256,6 +258,7 @@ def main() -> None:
             extra = ["--max-batch", "1"] if mode == "off" else []
             with spawned_server(shlex.split(args.server_args) + extra, args.ready_timeout) as url:
                 info.append(server_info(url))
+                print(f"server: {json.dumps(info[-1])}", file=sys.stderr, flush=True)
                 levels += measure(url, info[-1]["batching"], args)
     else:
         info.append(server_info(args.url))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from tiny import tiny_clip
+from transformers import T5Config, T5EncoderModel
 
 from autoquant.execute.build import enable_group_offload
 from autoquant.models.groups import modules_above_blocks
@@ -22,17 +23,7 @@ def _encoders() -> dict[str, torch.nn.Module]:
     t5 = T5EncoderModel(
         T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4)
     )
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    clip = tiny_clip()
     return {"text_encoder": clip.eval(), "text_encoder_2": t5.eval()}
 
 

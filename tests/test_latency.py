@@ -23,6 +23,8 @@ from autoquant.planner.plan import Plan
 from autoquant.probe.backends import assess_backends
 from autoquant.probe.types import CpuInfo, GpuInfo, HardwareProfile
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _inv(model: str) -> ModelInventory:
     return inventory(resolve(model))
@@ -108,6 +110,30 @@ def test_the_cpu_figures_reproduce_the_xeon_measurement() -> None:
     latency = predict(inv, tier, request, estimate(inv, tier, request, on_gpu=False), two_cores)
     assert latency is not None
     assert latency.step_seconds == pytest.approx(4.98, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("run", "flags"),
+    [("cpu-text-encoder", ("avx2",)), ("cpu-text-encoder-avx512", ("avx512f", "avx512_bf16"))],
+)
+def test_the_cpu_text_encoder_figures_reproduce_their_runs(
+    run: str, flags: tuple[str, ...]
+) -> None:
+    # docs/runs/<run>/ (scripts/cpu_text_encoder.py): Flux-dev's CLIP-L and T5-XXL, one prompt
+    # per dtype, extrapolated to the full encoder, on 2 vCPU with 2 torch threads.
+    measured = json.loads((REPO / "docs/runs" / run / "cpu-text-encoder.json").read_text())
+    assert measured["host"]["torch_threads"] == 2
+    inv = _inv("builtin:flux-dev")
+    host = made_up_machine(cpu="bf16")
+    two_cores = HardwareProfile(**{**host.__dict__, "cpu": CpuInfo("x", 2, flags)})
+    request = Request(1024, 1024, 1, 20)
+    for dtype in ("bf16", "fp32"):
+        tier = Tier("none", dtype, dtype)
+        est = estimate(inv, tier, request, on_gpu=False)
+        latency = predict(inv, tier, request, est, two_cores)
+        assert latency is not None
+        full = sum(row["full_seconds"] for row in measured["rows"] if row["dtype"] == dtype)
+        assert latency.text_seconds == pytest.approx(full, rel=0.01)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from machines import made_up_machine
+from tiny import tiny_image
 
 import autoquant
 from autoquant import models
@@ -69,19 +70,6 @@ def _options(**kw: Any) -> TuneOptions:
     return TuneOptions(model=MODEL, device="cpu", progress=False, use_cache=False, **side, **kw)
 
 
-def _image(pipe: Any) -> np.ndarray:
-    with torch.no_grad():
-        output = pipe(
-            prompt="a cat",
-            num_inference_steps=2,
-            width=64,
-            height=64,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        )
-    return np.asarray(output.images)
-
-
 def _lora_layers(pipe: Any) -> list[Any]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -112,19 +100,19 @@ def test_the_lora_changes_the_image_on_every_cpu_tier(
     assert record["path"] == str(lora_path) and record["scale"] == SCALE
     assert record["fused"] == fused
     assert record["note"].startswith("LoRA fused" if fused else "LoRA kept unfused")
-    with_lora = _image(result.pipeline)
+    with_lora = tiny_image(result.pipeline)
     layers = _lora_layers(result.pipeline)
     if fused:
         assert not layers  # fused into the weights, its adapter unloaded
         plain = tune(_options(backend=backend, precision=precision)).pipeline
-        without = _image(plain)
+        without = tiny_image(plain)
         # The fused image is the one the same LoRA gives as an adapter at the same scale: to
         # float rounding at fp32, and nearer it than to the image without at 16 bits (where
         # rounding the fused weights moves this random tiny UNet's image about half as far as
         # the LoRA does).
         plain.load_lora_weights(str(lora_path), adapter_name="reference")
         plain.set_adapters(["reference"], [SCALE])
-        reference = _image(plain)
+        reference = tiny_image(plain)
         assert _difference(with_lora, reference) < _difference(with_lora, without)
         if precision == "fp32":
             assert _difference(with_lora, reference) < 1e-4
@@ -133,7 +121,7 @@ def test_the_lora_changes_the_image_on_every_cpu_tier(
         # alpha / r is 1 here, so the adapter's scaling is the scale asked for.
         assert {layer.scaling["lora_0"] for layer in layers} == {SCALE}
         result.pipeline.disable_lora()
-        without = _image(result.pipeline)
+        without = tiny_image(result.pipeline)
     assert _difference(with_lora, without) > CHANGED
 
 

@@ -69,6 +69,9 @@ class Tier:
     # The denoiser's first-block cache threshold (models/step_cache.py); None: every step runs
     # in full. Lossy, opt-in only (planner.cache).
     first_block_cache: float | None = None
+    # The text encoders run on the CPU beside a GPU denoiser, unquantized at the compute dtype
+    # (components.cpu_text_encoders; execute/build.py); else they go where the rest go.
+    cpu_text_encoders: bool = False
 
     @property
     def label(self) -> str:
@@ -78,6 +81,7 @@ class Tier:
             extras.append(f"text encoders {self.encoders.backend} {self.encoders.precision}")
         elif len(self.quantized_components) > 1:
             extras.append("text encoders quantized")
+        extras += ["text encoders on the CPU"] if self.cpu_text_encoders else []
         extras.extend(o.replace("_", " ") for o in self.memory_options)
         extras += ["compiled"] if self.compiled else []
         if self.first_block_cache is not None:
@@ -142,6 +146,7 @@ class Tier:
             else None,
             bool(data.get("compiled", False)),  # absent in records written before it existed
             data.get("first_block_cache"),  # likewise
+            bool(data.get("cpu_text_encoders", False)),  # likewise
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +159,7 @@ class Tier:
             "encoders": self.encoders.to_dict() if self.encoders else None,
             "compiled": self.compiled,
             "first_block_cache": self.first_block_cache,
+            "cpu_text_encoders": self.cpu_text_encoders,
         }
 
 

@@ -4,7 +4,8 @@ command.py runs the sweep (one subprocess per tier: tier_run.py), budgets.py jud
 fit each budget and what the planner chose there, fidelity.py holds the error metrics, report.py
 writes bench.json / bench.md / bench.png. This module holds what they share: the tier spec
 written on the command line (``gguf:q4_0``, ``none:bf16+model_cpu_offload``,
-``quanto:int8+te+compile``, ``gguf:q8_0+te=bitsandbytes:nf4``).
+``quanto:int8+te+compile``, ``gguf:q8_0+te=bitsandbytes:nf4``,
+``bitsandbytes:nf4+cpu_text_encoders``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ COMPILE_AS = "compile="
 # "+first_block_cache[=THRESHOLD]": diffusers' first-block cache on the denoiser (lossy; the
 # threshold defaults to planner.cache_threshold's)
 FIRST_BLOCK_CACHE = "first_block_cache"
+# "+cpu_text_encoders": the text encoders unquantized on the CPU, at the compute dtype
+CPU_TEXT_ENCODERS = "cpu_text_encoders"
 _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 
 
@@ -36,7 +39,7 @@ _VAE_OPTIONS = ("vae_slicing", "vae_tiling")
 class TierSpec:
     """One tier of the sweep as written on the command line: ``backend:precision[+extra...]``,
     each extra a memory option, ``te``, ``te=backend:precision``, ``compile``,
-    ``compile=SCOPE[:MODE]`` or ``first_block_cache[=THRESHOLD]``."""
+    ``compile=SCOPE[:MODE]``, ``first_block_cache[=THRESHOLD]`` or ``cpu_text_encoders``."""
 
     backend: str
     precision: str
@@ -46,6 +49,7 @@ class TierSpec:
     encoders: str | None = None  # "backend:precision" of text encoders another backend quantizes
     compile_as: str | None = None  # "SCOPE:MODE" where +compile=… overrides the calibration's
     first_block_cache: float | None = None  # the cache's threshold; None: no step cache
+    cpu_text_encoders: bool = False  # the text encoders on the CPU, unquantized
 
     @classmethod
     def parse(cls, text: str) -> TierSpec:
@@ -57,7 +61,7 @@ class TierSpec:
             validate_tier_name(backend, precision)
         except ValueError as err:
             raise AutoquantError(f"tier {text!r}: {err}") from None
-        known = (TEXT_ENCODERS, COMPILE, FIRST_BLOCK_CACHE, *MEMORY_OPTIONS)
+        known = (TEXT_ENCODERS, COMPILE, FIRST_BLOCK_CACHE, CPU_TEXT_ENCODERS, *MEMORY_OPTIONS)
         mixed = [e.removeprefix(MIXED_TEXT_ENCODERS) for e in extras if e.startswith("te=")]
         compile_as = [_compile_as(text, e) for e in extras if e.startswith(COMPILE_AS)]
         cached = [_threshold(text, e) for e in extras if e.partition("=")[0] == FIRST_BLOCK_CACHE]
@@ -92,7 +96,7 @@ class TierSpec:
                     f"tier {text!r}: +te= takes a backend that quantizes text encoders and its "
                     "precision, e.g. +te=bitsandbytes:nf4"
                 )
-        if len(mixed) > 1 or (mixed and TEXT_ENCODERS in extras):
+        if len(mixed) + (TEXT_ENCODERS in extras) + (CPU_TEXT_ENCODERS in extras) > 1:
             raise AutoquantError(f"tier {text!r}: give the text encoders one format")
         if len(compile_as) + (COMPILE in extras) > 1:
             raise AutoquantError(f"tier {text!r}: compile it one way")
@@ -102,6 +106,10 @@ class TierSpec:
             raise AutoquantError(
                 f"tier {text!r}: a first-block cache is not compiled ({NOT_COMPILED}); drop "
                 "+compile or the cache"
+            )
+        if CPU_TEXT_ENCODERS in extras and any(o in extras for o in OFFLOAD_OPTIONS):
+            raise AutoquantError(
+                f"tier {text!r}: +{CPU_TEXT_ENCODERS} keeps the rest resident; drop the offload"
             )
         if sum(o in extras for o in OFFLOAD_OPTIONS) > 1:
             raise AutoquantError(f"tier {text!r}: choose one of {' or '.join(OFFLOAD_OPTIONS)}")
@@ -114,6 +122,7 @@ class TierSpec:
             encoders=mixed[0] if mixed else None,
             compile_as=compile_as[0] if compile_as else None,
             first_block_cache=cached[0] if cached else None,
+            cpu_text_encoders=CPU_TEXT_ENCODERS in extras,
         )
 
     @property
@@ -131,6 +140,7 @@ class TierSpec:
             compile=tier.compiled,
             encoders=tier.encoders.name if tier.encoders else None,
             first_block_cache=tier.first_block_cache,
+            cpu_text_encoders=tier.cpu_text_encoders,
         )
 
     @property
@@ -138,6 +148,7 @@ class TierSpec:
         """The canonical spelling: extras in a fixed order, so equal specs compare equal."""
         extras = [TEXT_ENCODERS] if self.text_encoders else []
         extras += [MIXED_TEXT_ENCODERS + self.encoders] if self.encoders else []
+        extras += [CPU_TEXT_ENCODERS] if self.cpu_text_encoders else []
         extras += list(self.memory_options)
         if self.compile:
             extras += [COMPILE_AS + self.compile_as if self.compile_as else COMPILE]
@@ -183,6 +194,7 @@ class TierSpec:
                 encoders,
                 self.compile,
                 self.first_block_cache,
+                self.cpu_text_encoders,
             )
         components: tuple[str, ...] = (inventory.denoiser.name,)
         if self.text_encoders:
@@ -196,6 +208,7 @@ class TierSpec:
             encoders,
             self.compile,
             self.first_block_cache,
+            self.cpu_text_encoders,
         )
 
 

@@ -98,12 +98,64 @@ def enable_first_block_cache(pipe: Any, inventory: ModelInventory, threshold: fl
     getattr(pipe, inventory.denoiser.name).enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def apply_memory_options(pipe: Any, planned: PlannedTier, device: str) -> None:
-    """Turn on the tier's memory options and put the pipeline on its device."""
+def moved_to(value: Any, device: Any) -> Any:
+    """``value`` with every tensor in it on ``device``: tensors, and the tuples, lists and
+    dicts (a transformers ModelOutput among them, changed in place) that hold them."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (tuple, list):
+        return type(value)(moved_to(item, device) for item in value)
+    if isinstance(value, dict):
+        if type(value) is dict:
+            return {key: moved_to(item, device) for key, item in value.items()}
+        for key in list(value):  # a ModelOutput: its keys are its attributes too
+            value[key] = moved_to(value[key], device)
+    return value
+
+
+def keep_text_encoders_on_cpu(pipe: Any, inventory: ModelInventory, device: str) -> None:
+    """The text encoders stay on the CPU (Tier.cpu_text_encoders) while the rest runs on
+    ``device``: each takes its inputs to the CPU, and gives its outputs back on ``device``,
+    where the pipeline builds the prompt embeddings (diffusers' _execution_device is the
+    accelerator when components are split: DiffusionPipeline.device)."""
+    import torch
+
+    cpu, target = torch.device("cpu"), torch.device(device)
+
+    def inputs_to_cpu(_module: Any, args: Any, kwargs: Any) -> Any:
+        return moved_to(args, cpu), moved_to(kwargs, cpu)
+
+    def outputs_to_device(_module: Any, _args: Any, _kwargs: Any, output: Any) -> Any:
+        return moved_to(output, target)
+
+    for component in inventory.text_encoders:
+        encoder = getattr(pipe, component.name)
+        encoder.to(cpu)
+        encoder.register_forward_pre_hook(inputs_to_cpu, with_kwargs=True)
+        encoder.register_forward_hook(outputs_to_device, with_kwargs=True)
+
+
+def apply_memory_options(
+    pipe: Any, planned: PlannedTier, device: str, inventory: ModelInventory
+) -> None:
+    """Turn on the tier's memory options and put the pipeline on its device (its text encoders
+    on the CPU where the tier says)."""
     turn_on(pipe, planned.tier.memory_options, device)
     # Offloading places the components itself; a device map already spread them over GPUs.
-    if not planned.tier.offloaded and not planned.device_map:
+    if planned.tier.offloaded or planned.device_map:
+        return
+    if not planned.tier.cpu_text_encoders:
         pipe.to(device)
+        return
+    keep_text_encoders_on_cpu(pipe, inventory, device)
+    import torch
+
+    on_cpu = {c.name for c in inventory.text_encoders}
+    for name, component in pipe.components.items():
+        if name not in on_cpu and isinstance(component, torch.nn.Module):
+            component.to(device)
 
 
 def pipeline_call_kwargs(inventory: ModelInventory, pipe: Any, **kwargs: Any) -> dict[str, Any]:
@@ -154,7 +206,7 @@ def build_tier(
     pipe = backend.load(request, get_backend(encoders.backend) if encoders else None)
     backend.post_process(pipe, request)
     apply_lora(pipe, lora, planned.tier, planned.label)
-    apply_memory_options(pipe, planned, device)
+    apply_memory_options(pipe, planned, device, inventory)
     if planned.tier.first_block_cache is not None:
         enable_first_block_cache(pipe, inventory, planned.tier.first_block_cache)
     if planned.tier.compiled:

@@ -24,8 +24,13 @@ _REMEDIES: tuple[tuple[str, ...], ...] = (
 
 def _next_remedy(result: Result, applied: set[str]) -> tuple[str, ...] | None:
     present = set(result.chosen.tier.memory_options) | applied
-    if result.chosen.tier.offloaded or result.chosen.device_map or result.plan.device == "cpu":
-        present.add("model_cpu_offload")  # offloaded, spread, or on the CPU: nowhere to move to
+    chosen = result.chosen
+    # Offloaded, spread, or on the CPU: nowhere to move to. Nor with the text encoders kept on
+    # the CPU: their hooks take inputs there (execute/build.py), while model offload's would
+    # move the encoders to the GPU; the next tier is tried instead.
+    elsewhere = chosen.tier.offloaded or chosen.tier.cpu_text_encoders or chosen.device_map
+    if elsewhere or result.plan.device == "cpu":
+        present.add("model_cpu_offload")
     for remedy in _REMEDIES:
         if not set(remedy) <= present:
             return remedy

@@ -7,7 +7,7 @@ tests/test_estimate.py holds every one of them to ±10%.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autoquant.backends import backend_class
@@ -61,13 +61,16 @@ class Request:
 class Estimate:
     """Estimated memory of one tier on its device (GPU memory, or RAM on CPU), in bytes."""
 
-    components: dict[str, int]  # weights per component once loaded
+    components: dict[str, int]  # weights per component once loaded, of those on the device
     denoiser_activation_bytes: int
     vae_decode_bytes: int
     peak_bytes: int  # highest allocation while generating (inside the allocator)
     load_peak_bytes: int  # highest allocation while loading/quantizing
     overhead_bytes: int  # outside the allocator: CUDA context, or the CPU runtime
-    host_bytes: int  # weights parked in system RAM by offloading
+    host_bytes: int  # weights in system RAM: parked by offloading, or run on the CPU
+    # Weights per component of those that run on the CPU beside a GPU (the text encoders under
+    # Tier.cpu_text_encoders), counted in host_bytes, not on the device.
+    cpu_components: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:
@@ -88,6 +91,7 @@ class Estimate:
             "load_peak_bytes": self.load_peak_bytes,
             "overhead_bytes": self.overhead_bytes,
             "host_bytes": self.host_bytes,
+            "cpu_components": dict(self.cpu_components),
             "required_bytes": self.required_bytes,
         }
 
@@ -169,6 +173,12 @@ def _component_bytes(inventory: ModelInventory, tier: Tier) -> dict[str, int]:
 def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu: bool) -> Estimate:
     """Estimate a whole pipeline built as ``tier`` generating ``request``."""
     sizes = _component_bytes(inventory, tier)
+    on_cpu: dict[str, int] = {}
+    if on_gpu and tier.cpu_text_encoders:
+        # Unquantized on the CPU (execute/build.py): in RAM, not on the card.
+        for component in inventory.text_encoders:
+            del sizes[component.name]
+            on_cpu[component.name] = component_weight_bytes(component, None, tier.compute_dtype)
     denoiser = inventory.denoiser.name
     activation = denoiser_activation_bytes(inventory, request, tier)
     decode = vae_decode_bytes(inventory, request, tier)
@@ -202,6 +212,7 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         # while setting them up, and the first is freed only after (diffusers' memory docs: 2-3x
         # the model in RAM).
         host *= 2
+    host += sum(on_cpu.values())
 
     fmt = _format(tier)
     load_peak = peak
@@ -226,4 +237,5 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         load_peak_bytes=load_peak,
         overhead_bytes=overhead,
         host_bytes=host,
+        cpu_components=on_cpu,
     )

@@ -113,6 +113,26 @@ def _text_units(inventory: ModelInventory, request: Request) -> float:
     return float(sum(c.params * text_tokens(c) * request.batch for c in inventory.text_encoders))
 
 
+def _cpu_text_seconds(
+    inventory: ModelInventory, request: Request, cpu: CpuInfo, compute_dtype: str
+) -> float:
+    """The text encoders' passes on ``cpu`` at ``compute_dtype``, by each encoder's own measured
+    figure (profiles/latency.yaml cpu.text_encoder_seconds_per_unit): a text encoder's every
+    weight meets every token, so the UNet's per-unit figure does not carry over."""
+    figures = calibration()["cpu"]["text_encoder_seconds_per_unit"][cpu_kind(cpu)][compute_dtype]
+    core_seconds = sum(
+        c.params * text_tokens(c) * request.batch * figures[_encoder_family(c)]
+        for c in inventory.text_encoders
+    )
+    return core_seconds / max(cpu.cores, 1)
+
+
+def _encoder_family(component: ComponentInventory) -> str:
+    """The calibration's key for a text encoder: "clip", or "t5" for the rest (T5's long
+    sequence is what other encoders are priced like)."""
+    return "clip" if component.class_name in _TOKENS else "t5"
+
+
 def _vae_units(inventory: ModelInventory, request: Request) -> float:
     vae = inventory.vae
     return float(vae.params) * request.width * request.height * request.batch if vae else 0.0
@@ -246,7 +266,11 @@ def _gpu_latency(
     elif tier.placement == "model_cpu_offload":
         step = compute * figures["model_offload_step_factor"][kind]
         swap = est.weights_bytes / (transfers["model_offload_gb_s"] * GB)
-    text = _text_units(inventory, request) * per_unit["text_encoder"] * speed.slowdown
+    if tier.cpu_text_encoders:  # on the host's CPU, at the compute dtype (fp16 runs as bf16)
+        dtype = "fp32" if tier.compute_dtype == "fp32" else "bf16"
+        text = _cpu_text_seconds(inventory, request, profile.cpu, dtype)
+    else:
+        text = _text_units(inventory, request) * per_unit["text_encoder"] * speed.slowdown
     vae = _vae_units(inventory, request) * per_unit["vae"] * speed.slowdown
     vae = max(vae, figures["image_floor_seconds"])
     # Streams pin a second host copy of every weight (planner/estimate.py's host_bytes).
@@ -285,7 +309,7 @@ def _cpu_latency(
         ),
         steps=request.steps,
         swap_seconds=0.0,
-        text_seconds=_text_units(inventory, request) * per_unit,
+        text_seconds=_cpu_text_seconds(inventory, request, profile.cpu, dtype),
         vae_seconds=max(
             _vae_units(inventory, request) * vae_per_unit, figures["image_floor_seconds"]
         ),

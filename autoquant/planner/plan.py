@@ -183,6 +183,13 @@ def _parts(inventory: ModelInventory, tier: Tier, est: Estimate) -> dict[str, di
     out: dict[str, dict[str, Any]] = {}
     for component in inventory.components:
         quantized = component_format(tier, component)
+        if component.name in est.cpu_components:
+            out[component.name] = {
+                "format": tier.compute_dtype,
+                "placement": "cpu",
+                "bytes": est.cpu_components[component.name],
+            }
+            continue
         if quantized is not None:
             fmt = " ".join(quantized)
         elif component.role == "vae":
@@ -364,6 +371,28 @@ def _shrinking(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         out.append((tier, None, "with the text encoders quantized"))
     tier = tier.with_options("vae_slicing", "vae_tiling")
     out.append((tier, None, "with VAE slicing and tiling"))
+    if (
+        ctx.on_gpu
+        and inv.text_encoders
+        and ctx.objective != "card"
+        and ctx.settings["components"]["cpu_text_encoders"] == "auto"
+        and ctx.compute_dtype == "bf16"
+        and ctx.profile.cpu.bf16
+    ):
+        # Unquantized, at the compute dtype (bitsandbytes refuses the CPU, and a CPU without
+        # bf16 units runs bf16 5.7x slower than fp32: docs/runs/cpu-text-encoder/): so only on a
+        # CPU with bf16 units. The pipelines cast the encoders' outputs to the encoders' dtype,
+        # which must then be the denoiser's.
+        encoder_names = {c.name for c in inv.text_encoders}
+        alone = replace(
+            base,
+            quantized_components=tuple(
+                n for n in base.quantized_components if n not in encoder_names
+            ),
+            encoders=None,
+            cpu_text_encoders=True,
+        ).with_options("vae_slicing", "vae_tiling")
+        out.append((alone, None, "with the text encoders on the CPU"))
     # The card's tree quantizes before it offloads; priced by time, offloading the unquantized
     # model competes too (Flux-dev bf16 streamed, against a 4-bit model resident).
     if not ctx.on_gpu or (base.backend == UNQUANTIZED and ctx.objective == "card"):

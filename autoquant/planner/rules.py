@@ -50,6 +50,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "priorities.deployment": ("production", "development"),
     "priorities.target": ("desktop", "edge"),
     "components.quantize_text_encoders": ("auto", "always", "never"),
+    "components.cpu_text_encoders": ("never", "auto"),
 }
 # Sections validated by their own functions rather than key by key.
 _FREEFORM = {
