@@ -100,16 +100,30 @@ def test_the_gpu_figures_reproduce_their_measurements(model: str, step_seconds: 
     assert latency.basis == "measured on an H200"
 
 
-def test_the_cpu_figures_reproduce_the_xeon_measurement() -> None:
-    # docs/runs/cpu-choice/: SD1.5 UNet at 512², bf16, 2 vCPU with AMX: 4.98 s a step.
+@pytest.mark.parametrize(
+    ("flags", "dtype", "step_seconds", "generation_seconds"),
+    [
+        # docs/runs/cpu-choice/: SD1.5 at 512², 3 steps, bf16, a 2-vCPU Xeon with AMX.
+        (("avx512f", "avx512_bf16", "amx_bf16"), "bf16", 4.98, None),
+        # docs/runs/cpu-choice-avx512/: the same on a 2-vCPU AMD EPYC with avx512_bf16, forced
+        # none bf16 and none fp32 (medians of 2 rounds).
+        (("avx512f", "avx512_bf16"), "bf16", 3.512, 18.17),
+        (("avx512f", "avx512_bf16"), "fp32", 7.034, 38.44),
+    ],
+)
+def test_the_cpu_figures_reproduce_their_measurements(
+    flags: tuple[str, ...], dtype: str, step_seconds: float, generation_seconds: float | None
+) -> None:
     inv = _inv("builtin:sd15")
     host = made_up_machine(cpu="bf16")
-    two_cores = HardwareProfile(**{**host.__dict__, "cpu": CpuInfo("x", 2, host.cpu.flags)})
-    tier = Tier("none", "bf16", "bf16")
+    two_cores = HardwareProfile(**{**host.__dict__, "cpu": CpuInfo("x", 2, flags)})
+    tier = Tier("none", dtype, dtype)
     request = Request(512, 512, 1, 3)
     latency = predict(inv, tier, request, estimate(inv, tier, request, on_gpu=False), two_cores)
     assert latency is not None
-    assert latency.step_seconds == pytest.approx(4.98, rel=0.01)
+    assert latency.step_seconds == pytest.approx(step_seconds, rel=0.01)
+    if generation_seconds is not None:
+        assert latency.seconds == pytest.approx(generation_seconds, rel=0.01)
 
 
 @pytest.mark.parametrize(

@@ -299,9 +299,7 @@ def _cpu_latency(
             return None  # not a CPU format (bitsandbytes is refused there)
     cores = max(profile.cpu.cores, 1)
     per_unit = figures["seconds_per_unit"][kind][dtype] / cores
-    # The VAE's calibration is the amx Xeon's: other kinds scale as the UNet does.
-    measured = figures["seconds_per_unit"]["amx"][dtype]
-    vae_per_unit = figures["vae_seconds_per_unit"][dtype] / cores * (per_unit * cores / measured)
+    vae_per_unit = figures["vae_seconds_per_unit"][kind][dtype] / cores
     where = f"{kind} CPU, {cores} cores"
     return Latency(
         step_seconds=max(
@@ -314,7 +312,7 @@ def _cpu_latency(
             _vae_units(inventory, request) * vae_per_unit, figures["image_floor_seconds"]
         ),
         first_call_seconds=first_call_seconds(inventory, tier),
-        basis=f"measured on a 2-vCPU Xeon (amx) and scaled to this {where}",
+        basis=f"measured on a 2-vCPU {kind} VM and scaled to this {where}",
     )
 
 
