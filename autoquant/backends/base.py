@@ -118,6 +118,9 @@ class QuantBackend(ABC):
     # Other backends whose quantized text encoders ran beside this backend's denoiser in one
     # pipeline (a mixed plan: Tier.encoders), each pairing shown by a run its comment names.
     encoder_backends: ClassVar[tuple[str, ...]] = ()
+    # Its denoiser ran resident beside text encoders kept on the CPU (Tier.cpu_text_encoders),
+    # shown by a run its comment names; the planner offers that placement only where it did.
+    beside_cpu_text_encoders: ClassVar[bool] = False
     # Measured per-layer relative error of each precision (the bench's metric: median over the
     # denoiser's nn.Linear layers against fp32, docs/benchmarks.md), read by the planner to class
     # a tier's fidelity. A precision without a measurement of its own is declared at the figure

@@ -50,6 +50,9 @@ class BitsAndBytes(QuantBackend):
     # torchao int8 text encoders beside SDXL NF4 on an H200
     # (docs/runs/2026-12-01-h200-sweep/sdxl-mixed/).
     encoder_backends = ("torchao",)
+    # NF4 SDXL at 4 GB and NF4 Flux-dev at 10 GB, the text encoders at bf16 on the host's CPU,
+    # on a lent H100 (docs/runs/2026-12-08-h100-cpu-te/).
+    beside_cpu_text_encoders = True
     # Fusing dequantizes and requantizes (peft warns of rounding errors); unmeasured, since
     # diffusers refuses it on the CPU. Kept an adapter.
     fuses_lora = False

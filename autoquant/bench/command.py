@@ -200,7 +200,13 @@ def selected_tiers(
             found = [
                 s
                 for s in planned_tiers(profile, inventory, load_settings(), request, budgets)
-                if dataclasses.replace(s, text_encoders=False, memory_options=(), encoders=None)
+                if dataclasses.replace(
+                    s,
+                    text_encoders=False,
+                    memory_options=(),
+                    encoders=None,
+                    cpu_text_encoders=False,
+                )
                 in runs_here
                 and (s.encoders is None or TierSpec.parse(s.encoders) in runs_here)
                 and (profile.has_gpu or not s.offloaded)

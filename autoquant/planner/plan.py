@@ -378,6 +378,7 @@ def _shrinking(ctx: _Context, base: Tier) -> list[tuple[Tier, str | None, str]]:
         and ctx.settings["components"]["cpu_text_encoders"] == "auto"
         and ctx.compute_dtype == "bf16"
         and ctx.profile.cpu.bf16
+        and backend.beside_cpu_text_encoders
     ):
         # Unquantized, at the compute dtype (bitsandbytes refuses the CPU, and a CPU without
         # bf16 units runs bf16 5.7x slower than fp32: docs/runs/cpu-text-encoder/): so only on a

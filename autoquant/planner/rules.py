@@ -50,7 +50,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "priorities.deployment": ("production", "development"),
     "priorities.target": ("desktop", "edge"),
     "components.quantize_text_encoders": ("auto", "always", "never"),
-    "components.cpu_text_encoders": ("never", "auto"),
+    "components.cpu_text_encoders": ("auto", "never"),
 }
 # Sections validated by their own functions rather than key by key.
 _FREEFORM = {
