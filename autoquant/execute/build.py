@@ -142,6 +142,8 @@ def apply_memory_options(
 ) -> None:
     """Turn on the tier's memory options and put the pipeline on its device (its text encoders
     on the CPU where the tier says)."""
+    import torch
+
     turn_on(pipe, planned.tier.memory_options, device)
     # Offloading places the components itself; a device map already spread them over GPUs.
     if planned.tier.offloaded or planned.device_map:
@@ -150,8 +152,6 @@ def apply_memory_options(
         pipe.to(device)
         return
     keep_text_encoders_on_cpu(pipe, inventory, device)
-    import torch
-
     on_cpu = {c.name for c in inventory.text_encoders}
     for name, component in pipe.components.items():
         if name not in on_cpu and isinstance(component, torch.nn.Module):
