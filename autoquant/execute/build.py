@@ -98,37 +98,22 @@ def enable_first_block_cache(pipe: Any, inventory: ModelInventory, threshold: fl
     getattr(pipe, inventory.denoiser.name).enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def moved_to(value: Any, device: Any) -> Any:
-    """``value`` with every tensor in it on ``device``: tensors, and the tuples, lists and
-    dicts (a transformers ModelOutput among them, changed in place) that hold them."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if type(value) in (tuple, list):
-        return type(value)(moved_to(item, device) for item in value)
-    if isinstance(value, dict):
-        if type(value) is dict:
-            return {key: moved_to(item, device) for key, item in value.items()}
-        for key in list(value):  # a ModelOutput: its keys are its attributes too
-            value[key] = moved_to(value[key], device)
-    return value
-
-
 def keep_text_encoders_on_cpu(pipe: Any, inventory: ModelInventory, device: str) -> None:
     """The text encoders stay on the CPU (Tier.cpu_text_encoders) while the rest runs on
     ``device``: each takes its inputs to the CPU, and gives its outputs back on ``device``,
     where the pipeline builds the prompt embeddings (diffusers' _execution_device is the
-    accelerator when components are split: DiffusionPipeline.device)."""
+    accelerator when components are split: DiffusionPipeline.device). accelerate's
+    send_to_device moves the tensors inside tuples, dicts and ModelOutputs, keeping their types."""
     import torch
+    from accelerate.utils import send_to_device
 
     cpu, target = torch.device("cpu"), torch.device(device)
 
     def inputs_to_cpu(_module: Any, args: Any, kwargs: Any) -> Any:
-        return moved_to(args, cpu), moved_to(kwargs, cpu)
+        return send_to_device(args, cpu), send_to_device(kwargs, cpu)
 
     def outputs_to_device(_module: Any, _args: Any, _kwargs: Any, output: Any) -> Any:
-        return moved_to(output, target)
+        return send_to_device(output, target)
 
     for component in inventory.text_encoders:
         encoder = getattr(pipe, component.name)

@@ -109,8 +109,17 @@ def text_tokens(component: ComponentInventory) -> int:
     return _TOKENS.get(component.class_name, _T5_TOKENS)
 
 
+def _encoder_units(component: ComponentInventory, request: Request) -> float:
+    return float(component.params * text_tokens(component) * request.batch)
+
+
 def _text_units(inventory: ModelInventory, request: Request) -> float:
-    return float(sum(c.params * text_tokens(c) * request.batch for c in inventory.text_encoders))
+    return sum(_encoder_units(c, request) for c in inventory.text_encoders)
+
+
+def _cpu_dtype(compute_dtype: str) -> str:
+    """The CPU calibration's dtype for a compute dtype: fp16 on a CPU runs as bf16 does."""
+    return "fp32" if compute_dtype == "fp32" else "bf16"
 
 
 def _cpu_text_seconds(
@@ -119,10 +128,10 @@ def _cpu_text_seconds(
     """The text encoders' passes on ``cpu`` at ``compute_dtype``, by each encoder's own measured
     figure (profiles/latency.yaml cpu.text_encoder_seconds_per_unit): a text encoder's every
     weight meets every token, so the UNet's per-unit figure does not carry over."""
-    figures = calibration()["cpu"]["text_encoder_seconds_per_unit"][cpu_kind(cpu)][compute_dtype]
+    calibrated = calibration()["cpu"]["text_encoder_seconds_per_unit"][cpu_kind(cpu)]
+    figures = calibrated[_cpu_dtype(compute_dtype)]
     core_seconds = sum(
-        c.params * text_tokens(c) * request.batch * figures[_encoder_family(c)]
-        for c in inventory.text_encoders
+        _encoder_units(c, request) * figures[_encoder_family(c)] for c in inventory.text_encoders
     )
     return core_seconds / max(cpu.cores, 1)
 
@@ -266,9 +275,8 @@ def _gpu_latency(
     elif tier.placement == "model_cpu_offload":
         step = compute * figures["model_offload_step_factor"][kind]
         swap = est.weights_bytes / (transfers["model_offload_gb_s"] * GB)
-    if tier.cpu_text_encoders:  # on the host's CPU, at the compute dtype (fp16 runs as bf16)
-        dtype = "fp32" if tier.compute_dtype == "fp32" else "bf16"
-        text = _cpu_text_seconds(inventory, request, profile.cpu, dtype)
+    if tier.cpu_text_encoders:  # on the host's CPU, at the compute dtype
+        text = _cpu_text_seconds(inventory, request, profile.cpu, tier.compute_dtype)
     else:
         text = _text_units(inventory, request) * per_unit["text_encoder"] * speed.slowdown
     vae = _vae_units(inventory, request) * per_unit["vae"] * speed.slowdown
@@ -290,7 +298,7 @@ def _cpu_latency(
     inventory: ModelInventory, tier: Tier, request: Request, profile: HardwareProfile
 ) -> Latency | None:
     figures = calibration()["cpu"]
-    dtype = "fp32" if tier.compute_dtype == "fp32" else "bf16"  # fp16 on a CPU runs as bf16 does
+    dtype = _cpu_dtype(tier.compute_dtype)
     kind = cpu_kind(profile.cpu)
     factor = 1.0
     if tier.backend != UNQUANTIZED:
