@@ -39,7 +39,8 @@ RESULT_JSON = "cpu-choice.json"
 RESULT_MD = "cpu-choice.md"
 AUTO = "auto"
 DEFAULT_TIERS = "none:bf16,none:fp32,gguf:q8_0,gguf:q5_1,torchao:int8"
-CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# What sets the latency calibration's CPU kind (planner/latency.py cpu_kind) and bf16 units.
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
 GIB = 2**30
 
 

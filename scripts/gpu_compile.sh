@@ -15,6 +15,8 @@
 #               torchao float8 row-wise compiled (with its fidelity against bf16)
 #   serve       scripts/loadtest.py on SDXL, 20 steps, concurrency 1/4/16, `serve --compile`
 #               never against always, with /metrics' recompile counts
+#   serve-restart  scripts/serve_restart.py on SDXL, `serve --compile always`: a first start
+#               and a restart with autoquant's cache, each with an empty inductor cache
 # GPU_SERVE_COMPILE (default "never always") orders serve's runs.
 # GPU_SERVE_LEVEL_SECONDS (default 60) bounds each concurrency level of a serve run.
 # GPU_COMPILE_SECONDS (default 560) bounds the call: a suite that would start after it is
@@ -91,6 +93,12 @@ for suite in "$@"; do
           > "$out/loadtest-compile-$compile.md" 2>> "$log"
         step "loadtest exited $?"
       done ;;
+    serve-restart)
+      step "serve restart, SDXL"
+      timeout -k 5 "$(left)" python3 scripts/serve_restart.py --out "$out/serve-restart" \
+        --ready-timeout "$(left)" --server-args \
+        "--model builtin:sdxl --device cuda --max-batch 4 --compile always" >> "$log" 2>&1
+      step "serve restart exited $?" ;;
     *) step "unknown suite $suite" ;;
   esac
 done

@@ -28,7 +28,7 @@ from autoquant.models import inventory, resolve
 from autoquant.models.types import ModelInventory
 from autoquant.planner.estimate import Request, estimate
 from autoquant.planner.latency import predict
-from autoquant.probe.types import HardwareProfile
+from autoquant.probe.types import CpuInfo, HardwareProfile
 
 SECONDS_TARGET = 0.25
 PEAK_TARGET = 0.10
@@ -118,12 +118,10 @@ def _from_bench(
 def _from_cpu_choice(
     path: Path, result: dict[str, Any], cache: dict[str, ModelInventory]
 ) -> Iterator[dict[str, Any]]:
-    from autoquant.probe import probe
-
     inv = _inventory(result["args"]["model"], cache)
     width, _, height = result["args"]["size"].partition("x")
     request = Request(int(width), int(height), 1, int(result["args"]["steps"]))
-    profile = probe()  # the machine the CPU run was on: this one, run where it ran
+    profile = _cpu_choice_host(result["host"])
     by_entry: dict[str, list[dict[str, Any]]] = {}
     for row in result["rows"]:
         if row["round"] > 0 and row["returncode"] == 0:
@@ -148,6 +146,25 @@ def _from_cpu_choice(
             max(r["peak_bytes"] for r in rows if r.get("peak_bytes")),
             False,
         )
+
+
+def _cpu_choice_host(host: dict[str, Any]) -> HardwareProfile:
+    """The CPU machine a cpu_choice.py result was measured on, from the host facts it recorded
+    (not the machine this script runs on: CPU kinds differ between machines). Files written
+    before avx512f was recorded imply it by avx512_bf16 or amx_bf16, which it comes with."""
+    flags = [flag for flag, present in host["flags"].items() if present]
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        flags.append("avx512f")
+    ram = int(host["ram_bytes"])
+    return HardwareProfile(
+        accelerator="cpu",
+        gpus=(),
+        driver=None,
+        ram_total_bytes=ram,
+        ram_available_bytes=ram,
+        cpu=CpuInfo(host["cpu"], int(host["usable_cores"]), tuple(sorted(set(flags)))),
+        disk_free_bytes=0,
+    )
 
 
 def _cell(value: float | None, fmt: str) -> str:

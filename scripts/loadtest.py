@@ -164,13 +164,18 @@ def _free_port() -> int:
 
 
 @contextmanager
-def spawned_server(server_args: list[str], ready_timeout: float) -> Iterator[str]:
-    """`python -m autoquant serve` on a free loopback port until the block ends."""
+def spawned_server(
+    server_args: list[str], ready_timeout: float, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`python -m autoquant serve` on a free loopback port until the block ends; ``env``:
+    variables set besides this process's own."""
     port = _free_port()
     command = [sys.executable, "-m", "autoquant", "serve", *server_args]
     command += ["--host", "127.0.0.1", "--port", str(port)]  # last: they win over server_args
     print(f"starting: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=dict(os.environ))
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout

@@ -3,8 +3,10 @@ machines (tests/machines.py and cards built here): no test depends on this host'
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from machines import INSTALLED, made_up_machine
@@ -109,6 +111,8 @@ def test_the_gpu_figures_reproduce_their_measurements(model: str, step_seconds: 
         # none bf16 and none fp32 (medians of 2 rounds).
         (("avx512f", "avx512_bf16"), "bf16", 3.512, 18.17),
         (("avx512f", "avx512_bf16"), "fp32", 7.034, 38.44),
+        # docs/runs/cpu-choice-avx2/: the same on a 2-vCPU AMD EPYC with AVX2 only, none fp32.
+        (("avx2", "fma"), "fp32", 13.393, 75.95),
     ],
 )
 def test_the_cpu_figures_reproduce_their_measurements(
@@ -124,6 +128,37 @@ def test_the_cpu_figures_reproduce_their_measurements(
     assert latency.step_seconds == pytest.approx(step_seconds, rel=0.01)
     if generation_seconds is not None:
         assert latency.seconds == pytest.approx(generation_seconds, rel=0.01)
+
+
+def _latency_check() -> ModuleType:
+    path = REPO / "scripts/latency_check.py"
+    spec = importlib.util.spec_from_file_location("latency_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("run", "kind", "entry", "seconds"),
+    [
+        ("cpu-choice", "amx", "none:bf16", 31.84),
+        ("cpu-choice-avx512", "avx512", "none:bf16", 18.17),
+        ("cpu-choice-avx2", "avx2", "none:fp32", 75.95),
+    ],
+)
+def test_latency_check_prices_a_cpu_run_on_the_machine_it_recorded(
+    run: str, kind: str, entry: str, seconds: float
+) -> None:
+    # scripts/latency_check.py once priced committed CPU runs on the machine it ran on: an AVX2
+    # host priced the avx512 EPYC's runs at avx2's figures. The host facts the run recorded
+    # decide now, whatever this machine is.
+    check = _latency_check()
+    path = REPO / "docs/runs" / run / "cpu-choice.json"
+    result = json.loads(path.read_text())
+    assert cpu_kind(check._cpu_choice_host(result["host"]).cpu) == kind
+    rows = {row["run"]: row for row in check._from_cpu_choice(path, result, {})}
+    assert rows[f"{run}/{entry}"]["predicted_s"] == pytest.approx(seconds, rel=0.01)
 
 
 @pytest.mark.parametrize(

@@ -66,16 +66,19 @@ def _start(
     log: Path,
     *serve_args: str,
     launcher: tuple[str, ...] = ("-m", "autoquant"),
+    env: dict[str, str] | None = None,
 ) -> Server:
     """`autoquant serve` for builtin:tiny-sd on the CPU, on a free port, logging to ``log``.
     ``launcher`` (Python's arguments before `serve`) runs the command another way: `-c` with a
-    script that calls the CLI's main() with the arguments after it."""
+    script that calls the CLI's main() with the arguments after it. ``env``: variables set
+    besides this process's own."""
     port = _free_port()
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         AUTOQUANT_CACHE_DIR=str(session_cache),
+        **(env or {}),
     )
     command = [sys.executable, *launcher, "serve", "--model", "builtin:tiny-sd"]
     command += ["--device", "cpu", "--port", str(port), *serve_args]

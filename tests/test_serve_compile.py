@@ -92,6 +92,27 @@ def test_the_report_names_the_image_counts_the_sizes_and_the_warm_up(server: Ser
     assert shapes["recompiles"] == 0
 
 
+def test_a_restart_on_a_fresh_machine_loads_the_warm_ups_graphs_from_the_compile_cache(
+    server: Server, session_cache: Path, tmp_path: Path
+) -> None:
+    # The first server (the fixture) saved its warm-up's graphs in autoquant's cache. A second
+    # start with that cache but an empty inductor cache (a fresh machine's /tmp) generates no
+    # graph in its warm-up: each comes from the saved compile cache.
+    first = httpx.get(f"{server.url}/report", timeout=10).json()["shapes"]
+    args = ["--compile", "always", "--sizes", "128x128", "--max-batch", "4"]
+    fresh = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    second = _start(session_cache, tmp_path / "server.log", *args, env=fresh)
+    try:
+        _wait_until_ready(second, timeout=READY_TIMEOUT)
+        shapes = httpx.get(f"{second.url}/report", timeout=10).json()["shapes"]
+    finally:
+        second.process.kill()
+        second.process.wait()
+    assert shapes["warmup_compiles"] == first["warmup_compiles"] >= 1, second.log_tail()
+    assert shapes["warmup_compile_cache"]["misses"] == 0, second.log_tail()
+    assert shapes["warmup_compile_cache"]["hits"] >= 1
+
+
 def test_torch_counts_every_graph_it_compiles_a_recompile_included() -> None:
     import torch
 

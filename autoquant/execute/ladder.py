@@ -79,6 +79,9 @@ class Result:
     cache: dict[str, Any] | None = None  # the tuning cache's verdict, when one was consulted
     lora: tuple[LoraFile, ...] = ()  # applied to every tier built, a fallback's too
     variant: str | None = None  # the weights variant loaded (None: standard weights)
+    # Where the chosen tier's compile cache is saved (None: an eager tier): a server saves its
+    # warm-up's graphs there too (serve/worker.py), so that its next start loads them.
+    compile_cache_file: Path | None = None
 
     @property
     def chosen(self) -> PlannedTier:
@@ -158,7 +161,7 @@ def _try_tier(
     lora: Sequence[LoraFile] = (),
     variant: str | None = None,
     gguf_file: Path | None = None,
-    compile_cache: Path | None = None,
+    compile_cache: Path,
 ) -> tuple[DiffusionPipeline | None, Attempt]:
     """Build and smoke-test one tier. A compiled tier loads its compile cache from the folder
     ``compile_cache`` first when there is one, smoke-tests with two steps at least (the first
@@ -190,9 +193,9 @@ def _try_tier(
     failure: tuple[str, str] | None = None
     memory.reset_peak(device)
     before = memory.allocated(device)
-    artifacts = artifact_path(compile_cache, planned.label) if compile_cache else None
+    artifacts = artifact_path(compile_cache, planned.label)
     if tier.compiled:
-        attempt.compile_cache_warm = bool(artifacts and load_artifacts(artifacts))
+        attempt.compile_cache_warm = load_artifacts(artifacts)
         smoke = dataclasses.replace(smoke, steps=max(smoke.steps, 2))
     started = time.perf_counter()
     try:
@@ -216,8 +219,7 @@ def _try_tier(
             # The smoke test's median step would carry half the compile: the steady one.
             attempt.step_seconds = forwards.steady
             attempt.compile_seconds = forwards.first_call_extra
-            if artifacts is not None:
-                save_artifacts(artifacts)
+            save_artifacts(artifacts)
     except Exception as err:
         failure = ("oom" if memory.is_oom(err) else "error", error_line(err))
     if failure is None:
@@ -262,6 +264,10 @@ def execute(
     if smoke is None:
         side = min(256, plan.request.width, plan.request.height)
         smoke = SmokeSettings(width=side, height=side)
+    # The smoke test compiles for its own size, one image (execute/compile.py).
+    compile_folder = cache_folder(
+        profile, inventory, width=smoke.width, height=smoke.height, batch=1
+    )
     attempts: list[Attempt] = []
     warnings: list[str] = []
     for index in range(start, len(plan.ladder)):
@@ -291,10 +297,7 @@ def execute(
             log=log,
             variant=variant,
             gguf_file=_gguf_file(plan),
-            # The smoke test compiles for its own size, one image (execute/compile.py).
-            compile_cache=cache_folder(
-                profile, inventory, width=smoke.width, height=smoke.height, batch=1
-            ),
+            compile_cache=compile_folder,
         )
         attempts.append(attempt)
         if index == 0 and plan.forced and attempt.outcome == "error":
@@ -338,6 +341,9 @@ def execute(
                 warnings,
                 variant=variant,
                 lora=tuple(lora),
+                compile_cache_file=(
+                    artifact_path(compile_folder, planned.label) if planned.tier.compiled else None
+                ),
             )
     tried = "; ".join(f"{a.label}: {a.outcome} ({a.error})" for a in attempts)
     raise AutoquantError(f"no tier of {plan.model} could run here: {tried}")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from autoquant.core.errors import AutoquantError, error_line
 from autoquant.core.units import format_bytes
 from autoquant.execute import memory
+from autoquant.execute.compile import save_artifacts
 from autoquant.execute.tuning import TuneOptions, tune
 from autoquant.serve.admission import DEFAULT_MAX_REQUEST_SECONDS, Admission, Refusal
 from autoquant.serve.metrics import Metrics
@@ -172,15 +173,29 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def compile_cache_lookups() -> tuple[int, int]:
+    """Inductor's FX graph cache lookups in this process so far, (hits, misses): a hit is a
+    graph's code loaded from the cache (a saved compile cache loaded into it included), a miss
+    one inductor generated. Process-wide, so the worker reads it before and after."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"]), int(
+        counters["inductor"]["fxgraph_cache_miss"]
+    )
+
+
 @dataclass(frozen=True)
 class Shapes:
     """What a compiled plan's warm-up ran: calls of 1 to ``most_images`` images at each of
-    ``sizes``, and the graphs torch compiled and the seconds it took."""
+    ``sizes``; the graphs torch compiled, how many of those inductor's cache held
+    (``cache_hits``) and generated (``cache_misses``); and the seconds it took."""
 
     most_images: int
     sizes: tuple[tuple[int, int], ...]
     compiles: int
     seconds: float
+    cache_hits: int
+    cache_misses: int
 
     def size_names(self) -> list[str]:
         return [f"{width}x{height}" for width, height in self.sizes]
@@ -304,6 +319,7 @@ class Worker:
             "most_images": shapes.most_images,
             "sizes": shapes.size_names(),
             "warmup_compiles": shapes.compiles,
+            "warmup_compile_cache": {"hits": shapes.cache_hits, "misses": shapes.cache_misses},
             "warmup_seconds": round(shapes.seconds, 3),
             "recompiles": self.metrics.recompiles(),
         }
@@ -462,23 +478,38 @@ class Worker:
         free = available_bytes(result.plan.device, self.settings.vram_limit_bytes)
         most_images = images_that_fit(free, self._bytes_per_pixel * largest, most)
         started, before = time.perf_counter(), compiled_graphs()
+        hits, misses = compile_cache_lookups()
         for width, height in sizes:
             for images in range(1, most_images + 1):
                 warm = Generation("warm-up", None, width, height, WARMUP_STEPS, None, 0, images)
                 self._call([Job(warm)], on_step_end=None)
         self._graphs_seen = compiled_graphs()
+        hits_after, misses_after = compile_cache_lookups()
         self.shapes = Shapes(
-            most_images, sizes, self._graphs_seen - before, time.perf_counter() - started
+            most_images,
+            sizes,
+            self._graphs_seen - before,
+            time.perf_counter() - started,
+            hits_after - hits,
+            misses_after - misses,
         )
         self.metrics.warmed_up(self.shapes.compiles, self.shapes.seconds)
         logger.info(
-            "warmed up the compiled plan in %.1f s (%d graphs compiled): calls of 1 to %d "
-            "images at %s; no other size is served",
+            "warmed up the compiled plan in %.1f s (%d graphs compiled, %d of them from the "
+            "compile cache): calls of 1 to %d images at %s; no other size is served",
             self.shapes.seconds,
             self.shapes.compiles,
+            self.shapes.cache_hits,
             most_images,
             ", ".join(self.shapes.size_names()),
         )
+        if self.shapes.compiles and result.compile_cache_file is not None:
+            # The tuning saved the smoke test's graphs only; without the warm-up's (the batch
+            # dimension's dynamic one: an SDXL server's warm-up took 227 s on an H100,
+            # docs/runs/2026-12-07-h100-serve/) a start on a fresh machine compiles them again.
+            # Torch records the graphs its caches served as well as those it generated.
+            save_artifacts(result.compile_cache_file)
+            logger.info("saved the warm-up's graphs to the compile cache")
 
     def _smoke_size(self, result: Result) -> tuple[int, int]:
         """The smoke test's size. It is not in the Result, so it is worked out from the
