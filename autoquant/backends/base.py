@@ -40,6 +40,11 @@ class WeightFormat:
     block: int = 1
     activation_factor: float = 1.0  # activation memory relative to bf16 compute
     load_peak_factor: float = 0.0  # load peak as a fraction of the bf16 size (0: no spike)
+    # Loaded from a file the loader reads whole into host memory and copies every tensor out
+    # of before the model takes them: the host's load peak is this many times the file (0: the
+    # loader streams). ``file_kept_bytes``: the file's bytes per parameter it does not quantize.
+    file_copies_at_load: int = 0
+    file_kept_bytes: int = 0
     # Leaves the class's _keep_in_fp32_modules (T5's "wo") unquantized, at compute precision.
     skips_kept_modules: bool = False
     # Quantizes while loading onto the GPU: with offloading, every quantized component is on the

@@ -107,6 +107,13 @@ def component_weight_bytes(
     return int(raw * _ALLOCATOR_OVERHEAD)
 
 
+def file_bytes(component: ComponentInventory, fmt: WeightFormat) -> int:
+    """The size of the file ``fmt`` loads ``component`` from: what it quantizes at its bytes per
+    weight, every other parameter at the file's ``file_kept_bytes``."""
+    quantized = fmt.quantized_params(component)
+    return int(quantized * fmt.linear_bytes + (component.params - quantized) * fmt.file_kept_bytes)
+
+
 def denoiser_activation_bytes(inventory: ModelInventory, request: Request, tier: Tier) -> int:
     """Peak activation memory of one denoiser forward above its weights."""
     kind = "transformer" if "Transformer" in inventory.denoiser.class_name else "unet"
@@ -220,6 +227,9 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         dense_denoiser = component_weight_bytes(inventory.denoiser, None, tier.compute_dtype)
         others = 0 if offloaded else sum(s for n, s in sizes.items() if n != denoiser)
         load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
+    if not on_gpu and fmt is not None and fmt.file_copies_at_load:
+        # The denoiser is built first (backends build it before the pipeline loads the rest).
+        load_peak = max(load_peak, fmt.file_copies_at_load * file_bytes(inventory.denoiser, fmt))
     for part in tier.parts:
         part_fmt = backend_class(part.backend).format(part.precision)
         if offloaded and part_fmt is not None and part_fmt.quantizes_on_device:

@@ -22,8 +22,15 @@ from autoquant.backends.tier import Tier
 class Gguf(QuantBackend):
     name = "gguf"
     precisions = GGUF_TYPES
+    # diffusers 0.42.1's GGUF loader memory-maps the file and copies every tensor out of it
+    # (load_gguf_checkpoint), the file's pages resident beside the copies: builtin:sd15 with its
+    # q8_0 UNet (a 2.64 GB file: its convolutions, 589 M of its 860 M parameters, F32 as
+    # convert.py writes what it does not quantize) peaked at 5.73-5.87 GB of resident set, at
+    # bf16 and fp32 compute alike, where its weights take 3.6 GB (docs/runs/cpu-choice*/).
     formats = {
-        qtype: WeightFormat(size / GGUF_BLOCK, block=GGUF_BLOCK)
+        qtype: WeightFormat(
+            size / GGUF_BLOCK, block=GGUF_BLOCK, file_copies_at_load=2, file_kept_bytes=4
+        )
         for qtype, size in BLOCK_BYTES.items()
     }
     distribution = "gguf"
@@ -43,8 +50,10 @@ class Gguf(QuantBackend):
     # The K-quants of users' files (--gguf). autoquant cannot write them (gguf-py quantizes none),
     # so they are no precisions of the plan space, the bench or `convert`: only a tier forced
     # from a file is at one. Bytes are exact (gguf-py's GGML_QUANT_SIZES per 256 weights).
+    # Read by the same loader; what a user's file keeps unquantized is taken as F32, the most.
     file_formats = {
-        qtype: WeightFormat(size / K_BLOCK, block=K_BLOCK) for qtype, size in K_BLOCK_BYTES.items()
+        qtype: WeightFormat(size / K_BLOCK, block=K_BLOCK, file_copies_at_load=2, file_kept_bytes=4)
+        for qtype, size in K_BLOCK_BYTES.items()
     }
     # q6_k, q5_k and q4_k measured by the bench's metric on N(0, 0.02) 512x1024 weights in bf16
     # (median of 12 layers), quantized by tests/test_gguf_file.py's encoder, a plain min-max one,
