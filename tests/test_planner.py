@@ -11,7 +11,10 @@ from machines import made_up_machine
 
 from autoquant.cli.main import main
 from autoquant.core.errors import ConfigError
+from autoquant.core.units import GB
+from autoquant.models import inventory, resolve
 from autoquant.planner import load_settings, plan
+from autoquant.planner.estimate import Request
 from autoquant.planner.rules import default_layer, range_of
 from autoquant.probe.types import BackendStatus, CpuInfo, GpuInfo, HardwareProfile
 
@@ -281,6 +284,28 @@ def test_cpu_compute_dtype_follows_bf16_units(cpu: str, dtype: str) -> None:
     settings = load_settings()
     result = plan(host, "builtin:tiny-sd", settings)
     assert result.chosen.tier.compute_dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("machine", "dtype"),
+    [
+        # A CPU without bf16 units where the tree's GGUF does not fit: the fallback took
+        # "none bf16" (3.6 GiB) at bf16 compute; at fp32 it needs 6.2 GiB, and quanto int8 fits.
+        (made_up_machine(cpu="no-bf16", ram_gib=7.6), "fp32"),
+        # A T4-class card (no bf16): fp16.
+        (made_up_machine(device="cuda", vram=6 * GB, compute_capability="7.5"), "fp16"),
+    ],
+)
+def test_the_cards_ladder_computes_unquantized_tiers_at_the_devices_dtype(
+    machine: HardwareProfile, dtype: str
+) -> None:
+    # The profile's ladder names "none bf16"; where the device has no bf16 it would run
+    # emulated. The card's fallback and ladder take it at the compute dtype, as the timed plans.
+    settings = load_settings([], ["planner.optimize=card"])
+    inv = inventory(resolve("builtin:sd15"))
+    ladder = plan(machine, inv, settings, Request(512, 512, 1, 20)).ladder
+    assert all(p.tier.compute_dtype == dtype for p in ladder), [p.label for p in ladder]
+    assert all(p.tier.precision == dtype for p in ladder if p.tier.backend == "none")
 
 
 @pytest.mark.parametrize("vram", ["4GB", "6GB", "8GB", "12GB", "16GB", "24GB"])

@@ -598,7 +598,7 @@ def _card_choice(ctx: _Context) -> PlannedTier:
     if chosen.fits:
         return chosen
     for cost in range(len(_OFFLOAD_COSTS)):
-        for entry in ladder_entries(settings):
+        for entry in _card_entries(ctx):
             if _unusable_reason(ctx, *entry):
                 continue
             candidate = _fit(ctx, *entry, max_offload_cost=cost).planned
@@ -759,6 +759,19 @@ def _timed_ladder(
     return tuple(ladder)
 
 
+def _card_entries(ctx: _Context) -> list[tuple[str, str]]:
+    """The profile's ladder for the card's tree, its unquantized entry at the compute dtype (as
+    the timed plan space has it): "none bf16" on a device without bf16 would compute emulated
+    (a CPU without bf16 units ran T5-XXL 5.7x slower at bf16 than fp32:
+    docs/runs/cpu-text-encoder/)."""
+    entries: list[tuple[str, str]] = []
+    for backend, precision in ladder_entries(ctx.settings):
+        entry = (backend, ctx.compute_dtype if backend == UNQUANTIZED else precision)
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
 def _card_ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
     """The chosen tier first, then every smaller way to run that fits: the chosen tier's own
     memory-saving variants and the profile's ladder tiers, each needing less than the one before.
@@ -766,7 +779,7 @@ def _card_ladder(ctx: _Context, chosen: PlannedTier) -> tuple[PlannedTier, ...]:
     candidates: list[PlannedTier] = []
     skipped: list[str] = []
     bases = [chosen.tier]
-    for backend, precision in ladder_entries(ctx.settings):
+    for backend, precision in _card_entries(ctx):
         reason = _unusable_reason(ctx, backend, precision)
         if reason:
             skipped.append(f"{backend} {precision}")
