@@ -73,7 +73,7 @@ def markdown(result: dict[str, Any]) -> str:
         "cache, the later ones the first's",
         "",
         "| start | ready s | tier | tuning compile s (cache) | warm-up s | warm-up graphs | "
-        "from the compile cache | generated |",
+        "inductor cache hits | misses |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for index, start in enumerate(result["starts"], 1):

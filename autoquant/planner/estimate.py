@@ -229,6 +229,7 @@ def estimate(inventory: ModelInventory, tier: Tier, request: Request, *, on_gpu:
         load_peak = max(peak, others + int(dense_denoiser * fmt.load_peak_factor))
     if not on_gpu and fmt is not None and fmt.file_copies_at_load:
         # The denoiser is built first (backends build it before the pipeline loads the rest).
+        # On a GPU this peak is in host RAM, outside the card's budget.
         load_peak = max(load_peak, fmt.file_copies_at_load * file_bytes(inventory.denoiser, fmt))
     for part in tier.parts:
         part_fmt = backend_class(part.backend).format(part.precision)

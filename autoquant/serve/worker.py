@@ -187,8 +187,8 @@ def compile_cache_lookups() -> tuple[int, int]:
 @dataclass(frozen=True)
 class Shapes:
     """What a compiled plan's warm-up ran: calls of 1 to ``most_images`` images at each of
-    ``sizes``; the graphs torch compiled, how many of those inductor's cache held
-    (``cache_hits``) and generated (``cache_misses``); and the seconds it took."""
+    ``sizes``; the graphs torch compiled, inductor's cache lookups for them (``cache_hits``:
+    code loaded, ``cache_misses``: code generated) and the seconds it took."""
 
     most_images: int
     sizes: tuple[tuple[int, int], ...]
@@ -495,11 +495,12 @@ class Worker:
         )
         self.metrics.warmed_up(self.shapes.compiles, self.shapes.seconds)
         logger.info(
-            "warmed up the compiled plan in %.1f s (%d graphs compiled, %d of them from the "
-            "compile cache): calls of 1 to %d images at %s; no other size is served",
+            "warmed up the compiled plan in %.1f s (%d graphs compiled; inductor's cache: %d "
+            "hits, %d misses): calls of 1 to %d images at %s; no other size is served",
             self.shapes.seconds,
             self.shapes.compiles,
             self.shapes.cache_hits,
+            self.shapes.cache_misses,
             most_images,
             ", ".join(self.shapes.size_names()),
         )
@@ -508,8 +509,12 @@ class Worker:
             # dimension's dynamic one: an SDXL server's warm-up took 227 s on an H100,
             # docs/runs/2026-12-07-h100-serve/) a start on a fresh machine compiles them again.
             # Torch records the graphs its caches served as well as those it generated.
-            save_artifacts(result.compile_cache_file)
-            logger.info("saved the warm-up's graphs to the compile cache")
+            try:
+                save_artifacts(result.compile_cache_file)
+            except OSError as err:  # a cache not written costs the next start, not this one
+                logger.warning("could not save the warm-up's graphs to the compile cache: %s", err)
+            else:
+                logger.info("saved the warm-up's graphs to the compile cache")
 
     def _smoke_size(self, result: Result) -> tuple[int, int]:
         """The smoke test's size. It is not in the Result, so it is worked out from the
