@@ -24,8 +24,9 @@ class Gguf(QuantBackend):
     precisions = GGUF_TYPES
     # diffusers 0.42.1's GGUF loader memory-maps the file and copies every tensor out of it
     # (load_gguf_checkpoint), the file's pages resident beside the copies: builtin:sd15 with its
-    # q8_0 UNet (a 2.64 GB file: its convolutions, 589 M of its 860 M parameters, F32 as
-    # convert.py writes what it does not quantize) peaked at 5.73-5.87 GB of resident set, at
+    # q8_0 UNet (a 2.64 GB file, as estimate.file_bytes gives it: 589 M of its 860 M parameters
+    # are not in Linear layers of whole blocks, by its inventory, and stay F32 as convert.py
+    # writes what it does not quantize) peaked at 5.73-5.87 GB of resident set, at
     # bf16 and fp32 compute alike, where its weights take 3.6 GB (docs/runs/cpu-choice*/).
     formats = {
         qtype: WeightFormat(
